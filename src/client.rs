@@ -1,0 +1,116 @@
+//! The CLI's client for the daemon's socket.
+
+use std::path::Path;
+
+use reqwest::header::ACCEPT;
+
+use crate::error::{Code, Error};
+use crate::server::FetchResponse;
+
+/// What the daemon answered to a fetch.
+#[derive(Debug)]
+pub enum FetchOutput {
+    /// The JSON answer, as received.
+    Json(serde_json::Value),
+    /// The module was written to the requested file; its size.
+    Written(u64),
+}
+
+fn client(socket: &Path) -> Result<reqwest::Client, Error> {
+    reqwest::Client::builder()
+        .unix_socket(socket)
+        .build()
+        .map_err(|e| Error::internal("building socket client", e))
+}
+
+fn unreachable_daemon(socket: &Path, e: reqwest::Error) -> Error {
+    Error::new(
+        Code::UpstreamError,
+        format!("cannot reach wasm-cache at {}: {e}", socket.display()),
+    )
+}
+
+/// Decodes an error answer.
+async fn api_error(resp: reqwest::Response) -> Error {
+    let status = resp.status();
+    let body = resp.bytes().await.unwrap_or_default();
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Error2,
+    }
+    #[derive(serde::Deserialize)]
+    struct Error2 {
+        code: Code,
+        message: String,
+    }
+    match serde_json::from_slice::<Body>(&body) {
+        Ok(b) => Error::new(b.error.code, b.error.message),
+        Err(_) => Error::new(
+            Code::Internal,
+            format!(
+                "daemon answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            ),
+        ),
+    }
+}
+
+/// Posts `body` to `/v1/fetch`; with `output`, streams the module into that file
+/// (atomically: a temp file beside it, renamed when complete).
+pub async fn fetch(
+    socket: &Path,
+    body: &serde_json::Value,
+    output: Option<&Path>,
+) -> Result<FetchOutput, Error> {
+    let c = client(socket)?;
+    let mut req = c.post("http://localhost/v1/fetch").json(body);
+    if output.is_some() {
+        req = req.header(ACCEPT, "application/wasm");
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| unreachable_daemon(socket, e))?;
+    if !resp.status().is_success() {
+        return Err(api_error(resp).await);
+    }
+    let Some(out) = output else {
+        let v: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|e| Error::internal("decoding answer", e))?;
+        // Check the shape so a broken daemon is noticed here.
+        serde_json::from_value::<FetchResponse>(v.clone())
+            .map_err(|e| Error::internal("decoding answer", e))?;
+        return Ok(FetchOutput::Json(v));
+    };
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp =
+        tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::internal("creating output", e))?;
+    let mut file = tokio::fs::File::from_std(
+        tmp.as_file()
+            .try_clone()
+            .map_err(|e| Error::internal("creating output", e))?,
+    );
+    let mut resp = resp;
+    let mut n = 0u64;
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| unreachable_daemon(socket, e))?
+    {
+        tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+            .await
+            .map_err(|e| Error::internal("writing output", e))?;
+        n += chunk.len() as u64;
+    }
+    tokio::io::AsyncWriteExt::flush(&mut file)
+        .await
+        .map_err(|e| Error::internal("writing output", e))?;
+    tmp.persist(out)
+        .map_err(|e| Error::internal("writing output", e.error))?;
+    Ok(FetchOutput::Written(n))
+}

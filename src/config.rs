@@ -1,0 +1,419 @@
+//! Configuration: the TOML file (every key optional) parsed once into a validated [`Config`].
+//!
+//! `config/wasm-cache.toml` documents every key with its default.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The file as written; every field optional. Only [`RawConfig::validate`] reads it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    /// Path of the proxies' unix socket.
+    pub socket: Option<PathBuf>,
+    /// Octal permission bits of the socket, e.g. "0660".
+    pub socket_mode: Option<String>,
+    /// Directory of the cache (blobs, index, temp files).
+    pub cache_dir: Option<PathBuf>,
+    /// Largest module accepted, e.g. "256MiB".
+    pub max_module_size: Option<String>,
+    /// Upstream fetch settings.
+    pub fetch: RawFetch,
+    /// Per-registry settings keyed by `host[:port]`.
+    pub registries: HashMap<String, RawRegistry>,
+    /// Extra trusted roots.
+    pub tls: RawTls,
+    /// `file://` settings.
+    pub file: RawFile,
+    /// The network guard.
+    pub network: RawNetwork,
+}
+
+/// `[fetch]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawFetch {
+    /// Timeout of one upstream HTTP request, e.g. "15s".
+    pub request_timeout: Option<String>,
+    /// Timeout of one whole fetch including retries, e.g. "5m".
+    pub total_timeout: Option<String>,
+    /// Attempts after the first on connect errors and 5xx.
+    pub retries: Option<usize>,
+    /// First retry delay.
+    pub backoff_min: Option<String>,
+    /// Longest retry delay.
+    pub backoff_max: Option<String>,
+}
+
+/// `[registries."HOST:PORT"]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRegistry {
+    /// Allow plain HTTP and unverified TLS for this registry.
+    pub insecure: bool,
+}
+
+/// `[tls]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM files of extra trusted root certificates for every HTTPS fetch.
+    pub ca_files: Vec<PathBuf>,
+}
+
+/// `[file]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawFile {
+    /// Directories `file://` urls may read from. Empty: `file://` is refused.
+    pub allowed_roots: Vec<PathBuf>,
+}
+
+/// `[network]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawNetwork {
+    /// Ranges re-allowed although denied by default (loopback, link-local...).
+    pub allow_cidrs: Vec<IpNet>,
+    /// Extra ranges to refuse; they win over `allow_cidrs`.
+    pub deny_cidrs: Vec<IpNet>,
+}
+
+/// Validated settings for the whole daemon.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the proxies' socket is bound.
+    pub socket: PathBuf,
+    /// Permission bits applied to the socket file.
+    pub socket_mode: u32,
+    /// Root of the on-disk cache.
+    pub cache_dir: PathBuf,
+    /// Largest module (and largest blob or archive entry) accepted, in bytes.
+    pub max_module_size: u64,
+    /// Timeouts and retries of upstream fetches.
+    pub fetch: FetchSettings,
+    /// Registries allowed over plain HTTP / unverified TLS, as `host[:port]`.
+    pub insecure_registries: Vec<String>,
+    /// PEM bytes of extra trusted roots, read once at start.
+    pub ca_pems: Vec<(PathBuf, Vec<u8>)>,
+    /// Canonicalised roots `file://` urls may read from.
+    pub file_roots: Vec<PathBuf>,
+    /// Ranges re-allowed by the network guard.
+    pub allow_cidrs: Vec<IpNet>,
+    /// Ranges the network guard refuses in addition to its defaults.
+    pub deny_cidrs: Vec<IpNet>,
+}
+
+/// Timeouts and retries for upstream requests.
+#[derive(Debug, Clone)]
+pub struct FetchSettings {
+    /// Timeout of one HTTP request (connect + headers + body).
+    pub request_timeout: Duration,
+    /// Timeout of one whole fetch, retries included.
+    pub total_timeout: Duration,
+    /// Retries after the first attempt for transient failures.
+    pub retries: usize,
+    /// First backoff delay.
+    pub backoff_min: Duration,
+    /// Backoff ceiling.
+    pub backoff_max: Duration,
+}
+
+/// A configuration problem, reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys.
+    #[error("parsing config {path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("config key {key}: {message}")]
+    Invalid {
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Loads `path`, or the embedded defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let raw = match path {
+            None => RawConfig::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                Self::parse_raw(&text, p)?
+            }
+        };
+        raw.validate()
+    }
+
+    /// Parses TOML text (for tests and `load`).
+    pub fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+fn duration(
+    key: &'static str,
+    v: &Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(s)
+            .map_err(|e| invalid(key, format!("{s:?} is not a duration like \"15s\": {e}"))),
+    }
+}
+
+/// Parses sizes like `"256MiB"`, `"10GB"`, `"4096"`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like \"256MiB\""))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// True when this process runs as root (uid 0).
+pub fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// Default socket and cache paths: system paths for root, per-user paths otherwise.
+pub fn default_paths() -> (PathBuf, PathBuf) {
+    if running_as_root() {
+        return (
+            PathBuf::from("/run/wasm-cache/wasm-cache.sock"),
+            PathBuf::from("/var/lib/wasm-cache"),
+        );
+    }
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let runtime = env("XDG_RUNTIME_DIR").unwrap_or_else(std::env::temp_dir);
+    let cache = env("XDG_CACHE_HOME")
+        .or_else(|| env("HOME").map(|h| h.join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    (
+        runtime.join("wasm-cache").join("wasm-cache.sock"),
+        cache.join("wasm-cache"),
+    )
+}
+
+impl RawConfig {
+    /// Checks every value and fills in defaults.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let (default_socket, default_cache) = default_paths();
+        let socket_mode = match &self.socket_mode {
+            None => 0o660,
+            Some(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| {
+                    invalid(
+                        "socket_mode",
+                        format!("{s:?} is not an octal mode like \"0660\""),
+                    )
+                })?,
+        };
+        let max_module_size = match &self.max_module_size {
+            None => 256 << 20,
+            Some(s) => parse_size(s).map_err(|m| invalid("max_module_size", m))?,
+        };
+        if max_module_size == 0 {
+            return Err(invalid("max_module_size", "must be positive"));
+        }
+        let f = &self.fetch;
+        let fetch = FetchSettings {
+            request_timeout: duration(
+                "fetch.request_timeout",
+                &f.request_timeout,
+                Duration::from_secs(15),
+            )?,
+            total_timeout: duration(
+                "fetch.total_timeout",
+                &f.total_timeout,
+                Duration::from_secs(300),
+            )?,
+            retries: f.retries.unwrap_or(4),
+            backoff_min: duration(
+                "fetch.backoff_min",
+                &f.backoff_min,
+                Duration::from_millis(500),
+            )?,
+            backoff_max: duration("fetch.backoff_max", &f.backoff_max, Duration::from_secs(30))?,
+        };
+        if fetch.backoff_min > fetch.backoff_max {
+            return Err(invalid(
+                "fetch.backoff_min",
+                "must not exceed fetch.backoff_max",
+            ));
+        }
+        let mut ca_pems = Vec::new();
+        for path in &self.tls.ca_files {
+            let pem = std::fs::read(path)
+                .map_err(|e| invalid("tls.ca_files", format!("reading {}: {e}", path.display())))?;
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                invalid(
+                    "tls.ca_files",
+                    format!("{} is not a PEM certificate: {e}", path.display()),
+                )
+            })?;
+            ca_pems.push((path.clone(), pem));
+        }
+        let mut file_roots = Vec::new();
+        for root in &self.file.allowed_roots {
+            let canon = std::fs::canonicalize(root)
+                .map_err(|e| invalid("file.allowed_roots", format!("{}: {e}", root.display())))?;
+            file_roots.push(canon);
+        }
+        let mut insecure_registries: Vec<String> = self
+            .registries
+            .iter()
+            .filter(|(_, r)| r.insecure)
+            .map(|(h, _)| h.to_ascii_lowercase())
+            .collect();
+        insecure_registries.sort();
+        Ok(Config {
+            socket: self.socket.unwrap_or(default_socket),
+            socket_mode,
+            cache_dir: self.cache_dir.unwrap_or(default_cache),
+            max_module_size,
+            fetch,
+            insecure_registries,
+            ca_pems,
+            file_roots,
+            allow_cidrs: self.network.allow_cidrs,
+            deny_cidrs: self.network.deny_cidrs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse_raw(text, Path::new("t.toml"))?.validate()
+    }
+
+    #[test]
+    fn empty_config_gives_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.socket_mode, 0o660);
+        assert_eq!(c.max_module_size, 256 << 20);
+        assert_eq!(c.fetch.request_timeout, Duration::from_secs(15));
+        assert!(c.file_roots.is_empty() && c.allow_cidrs.is_empty());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            r#"
+            socket = "/tmp/x.sock"
+            socket_mode = "0600"
+            cache_dir = "/tmp/c"
+            max_module_size = "2MiB"
+            [fetch]
+            request_timeout = "2s"
+            retries = 1
+            [registries."LocalHost:5000"]
+            insecure = true
+            [file]
+            allowed_roots = ["/tmp"]
+            [network]
+            allow_cidrs = ["127.0.0.0/8"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.socket_mode, 0o600);
+        assert_eq!(c.max_module_size, 2 << 20);
+        assert_eq!(c.fetch.retries, 1);
+        assert_eq!(c.insecure_registries, vec!["localhost:5000".to_string()]);
+        assert_eq!(c.allow_cidrs.len(), 1);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            ("socket_mode = \"999\"", "socket_mode"),
+            ("max_module_size = \"12 parsecs\"", "max_module_size"),
+            (
+                "[fetch]\nrequest_timeout = \"soon\"",
+                "fetch.request_timeout",
+            ),
+            (
+                "[file]\nallowed_roots = [\"/does/not/exist\"]",
+                "file.allowed_roots",
+            ),
+        ] {
+            match parse(text) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse("unknown_key = 1"),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1kb").unwrap(), 1000);
+        assert!(parse_size("MiB").is_err());
+    }
+}

@@ -1,0 +1,140 @@
+//! HTTP plumbing shared by the http and OCI fetchers: guarded reqwest clients, retries with
+//! backoff, status and error mapping.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::{Client, Response, StatusCode};
+
+use crate::config::{Config, FetchSettings};
+use crate::error::{Code, Error, Result};
+use crate::netguard::{NetGuard, is_denied};
+use crate::source::redact;
+
+/// Builds a client whose every connection passes the network guard, trusting the
+/// configured extra roots; `insecure` also accepts any certificate.
+pub fn build_client(config: &Config, guard: &Arc<NetGuard>, insecure: bool) -> Result<Client> {
+    let redirect_guard = Arc::clone(guard);
+    let policy = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= 10 {
+            return attempt.error("too many redirects");
+        }
+        match redirect_guard.check_url(attempt.url()) {
+            Ok(()) => attempt.follow(),
+            Err(e) => attempt.error(crate::netguard::Denied(e.message)),
+        }
+    });
+    let mut b = Client::builder()
+        .user_agent(concat!("wasm-cache/", env!("CARGO_PKG_VERSION")))
+        .no_proxy()
+        .redirect(policy)
+        .connect_timeout(config.fetch.request_timeout)
+        .read_timeout(config.fetch.request_timeout)
+        .dns_resolver(guard.resolver());
+    let mut certs = Vec::new();
+    for (path, pem) in &config.ca_pems {
+        let bundle = reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| Error::internal(&format!("loading CA file {}", path.display()), e))?;
+        certs.extend(bundle);
+    }
+    if !certs.is_empty() {
+        b = b.tls_certs_merge(certs);
+    }
+    if insecure {
+        b = b.tls_danger_accept_invalid_certs(true);
+    }
+    b.build()
+        .map_err(|e| Error::internal("building HTTP client", e))
+}
+
+/// One failed attempt: the error, and whether trying again may help.
+#[derive(Debug)]
+pub struct Attempt {
+    /// What went wrong.
+    pub error: Error,
+    /// Connect errors, timeouts, 429 and most 5xx are worth retrying.
+    pub retry: bool,
+}
+
+impl From<Error> for Attempt {
+    fn from(error: Error) -> Self {
+        Attempt {
+            error,
+            retry: false,
+        }
+    }
+}
+
+/// Runs `op` with exponential backoff while it fails with a retryable error.
+pub async fn with_retries<T, F, Fut>(settings: &FetchSettings, op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, Attempt>>,
+{
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(settings.backoff_min)
+        .with_max_delay(settings.backoff_max)
+        .with_max_times(settings.retries)
+        .with_jitter();
+    op.retry(backoff)
+        .sleep(tokio::time::sleep)
+        .when(|a: &Attempt| a.retry)
+        .notify(|a: &Attempt, after: Duration| {
+            tracing::debug!(error = %a.error, ?after, "retrying upstream request");
+        })
+        .await
+        .map_err(|a| a.error)
+}
+
+/// Maps a transport error of a request to `url` to an attempt outcome.
+pub fn transport_error(url: &str, e: reqwest::Error) -> Attempt {
+    if let Some(msg) = is_denied(&e) {
+        return Attempt {
+            error: Error::new(Code::Forbidden, msg),
+            retry: false,
+        };
+    }
+    let url = redact(url);
+    if e.is_timeout() {
+        return Attempt {
+            error: Error::new(Code::Timeout, format!("{url}: upstream timed out")),
+            retry: true,
+        };
+    }
+    let mut detail = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        src = s.source();
+    }
+    Attempt {
+        error: Error::new(Code::UpstreamError, format!("{url}: {detail}")),
+        retry: e.is_connect() || e.is_request() || e.is_body() || e.is_decode(),
+    }
+}
+
+/// Maps a non-success status from `what` (e.g. "registry 127.0.0.1:5000") to an attempt.
+pub fn status_error(what: &str, status: StatusCode) -> Attempt {
+    let (code, retry) = match status.as_u16() {
+        401 | 403 => (Code::AccessDenied, false),
+        404 => (Code::NotFound, false),
+        408 | 429 => (Code::UpstreamError, true),
+        501 | 505 | 511 => (Code::UpstreamError, false),
+        500..=599 => (Code::UpstreamError, true),
+        _ => (Code::UpstreamError, false),
+    };
+    Attempt {
+        error: Error::new(code, format!("{what} answered {status}")),
+        retry,
+    }
+}
+
+/// Sends a prepared request, mapping transport errors.
+pub async fn send(
+    req: reqwest::RequestBuilder,
+    url: &str,
+) -> std::result::Result<Response, Attempt> {
+    req.send().await.map_err(|e| transport_error(url, e))
+}

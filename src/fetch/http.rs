@@ -1,0 +1,87 @@
+//! `http://` and `https://` urls, with retries, the network guard and gzip/tar unwrapping.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use reqwest::{Client, Url};
+
+use super::client::{Attempt, send, status_error, transport_error, with_retries};
+use super::{Fetched, unpack::TarEntry, unwrap_and_validate};
+use crate::config::{Config, FetchSettings};
+use crate::error::Result;
+use crate::netguard::NetGuard;
+use crate::source::redact;
+use crate::store::{BlobWriter, Store};
+
+/// Downloads modules over HTTP(S).
+#[derive(Debug)]
+pub struct HttpFetcher {
+    /// Guarded client (extra CA roots applied).
+    client: Client,
+    /// Checks IP-literal hosts before connecting.
+    guard: Arc<NetGuard>,
+    /// Timeouts and retries.
+    settings: FetchSettings,
+    /// Size cap, before and after unwrapping.
+    max_size: u64,
+    /// Where downloads are written.
+    store: Store,
+}
+
+impl HttpFetcher {
+    /// A fetcher using `client`.
+    pub fn new(client: Client, guard: Arc<NetGuard>, config: &Config, store: Store) -> Self {
+        HttpFetcher {
+            client,
+            guard,
+            settings: config.fetch.clone(),
+            max_size: config.max_module_size,
+            store,
+        }
+    }
+
+    /// Downloads `url`, unwraps it and validates the module.
+    pub async fn fetch(&self, url: &Url) -> Result<Fetched> {
+        self.guard.check_url(url)?;
+        let shown = redact(url.as_str());
+        let downloaded = with_retries(&self.settings, || async {
+            let resp = send(self.client.get(url.clone()), url.as_str()).await?;
+            if !resp.status().is_success() {
+                return Err(status_error(&shown, resp.status()));
+            }
+            let mut w = self.store.writer(self.max_size, &shown)?;
+            download(resp, &mut w, url.as_str()).await?;
+            Ok(w.finish().await?)
+        })
+        .await?;
+        let (file, digest, size) = unwrap_and_validate(
+            &self.store,
+            downloaded,
+            self.max_size,
+            TarEntry::First,
+            false,
+        )
+        .await?;
+        Ok(Fetched {
+            file,
+            digest,
+            size,
+            image_digest: None,
+            index_digest: None,
+        })
+    }
+}
+
+/// Streams a response body into `w`.
+pub async fn download(
+    resp: reqwest::Response,
+    w: &mut BlobWriter,
+    url: &str,
+) -> std::result::Result<(), Attempt> {
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| transport_error(url, e))?;
+        w.write(&chunk).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! Fetchers: turn a [`Source`] into a verified module in a temp file of the store.
+//!
+//! Each fetcher (`oci`, `http`, `file`) returns content whose digest was computed while it
+//! was written, unwrapped from gzip/tar where that applies, and validated as Wasm. Fetchers
+//! never consult the cache index; that is the service's job.
+
+pub mod client;
+pub mod file;
+pub mod http;
+pub mod oci;
+pub mod unpack;
+
+use std::sync::Arc;
+
+use tempfile::NamedTempFile;
+
+use crate::config::Config;
+use crate::digest::Digest;
+use crate::error::{Code, Error, Result};
+use crate::netguard::NetGuard;
+use crate::source::{OciRef, Source};
+use crate::store::Store;
+
+/// A fetched, verified module not yet in the store.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The module bytes, in a temp file under the cache dir.
+    pub file: NamedTempFile,
+    /// sha256 of the module bytes.
+    pub digest: Digest,
+    /// Module size in bytes.
+    pub size: u64,
+    /// OCI: digest of the image manifest.
+    pub image_digest: Option<Digest>,
+    /// OCI: digest of the image index the manifest was chosen from.
+    pub index_digest: Option<Digest>,
+}
+
+/// All fetchers, built once from config.
+#[derive(Debug)]
+pub struct Fetchers {
+    /// `http://` and `https://`.
+    http: http::HttpFetcher,
+    /// `file://`.
+    file: file::FileFetcher,
+    /// `oci://`.
+    oci: oci::OciFetcher,
+    /// Upper bound on a whole fetch, retries included.
+    total_timeout: std::time::Duration,
+}
+
+/// Which already-stored blobs a fetch may reuse instead of downloading: only those that this
+/// same source has served before.
+pub trait KnownBlobs: Send + Sync {
+    /// True when `source` already produced a module with digest `d`.
+    fn source_has(&self, source: &str, d: &Digest) -> bool;
+}
+
+impl Fetchers {
+    /// Builds the fetchers for `config`, writing into `store`.
+    pub fn new(config: &Config, store: Store) -> Result<Fetchers> {
+        let guard = Arc::new(NetGuard::new(
+            config.allow_cidrs.clone(),
+            config.deny_cidrs.clone(),
+        ));
+        let secure = client::build_client(config, &guard, false)?;
+        let insecure = client::build_client(config, &guard, true)?;
+        Ok(Fetchers {
+            http: http::HttpFetcher::new(secure.clone(), Arc::clone(&guard), config, store.clone()),
+            file: file::FileFetcher::new(
+                config.file_roots.clone(),
+                config.max_module_size,
+                store.clone(),
+            ),
+            oci: oci::OciFetcher::new(secure, insecure, guard, config, store),
+            total_timeout: config.fetch.total_timeout,
+        })
+    }
+
+    /// Fetches, unwraps and validates the module at `source`.
+    pub async fn fetch(&self, source: &Source, known: &dyn KnownBlobs) -> Result<Fetched> {
+        let work = async {
+            match source {
+                Source::Http(url) => self.http.fetch(url).await,
+                Source::File(path) => self.file.fetch(path).await,
+                Source::Oci(r) => self.oci.fetch(r, &source.source_key(), known).await,
+            }
+        };
+        self.bounded(source, work).await
+    }
+
+    /// Resolves an OCI reference to the digest its tag points at now (a HEAD where possible).
+    pub async fn resolve_oci(&self, r: &OciRef) -> Result<Digest> {
+        self.bounded(&Source::Oci(r.clone()), self.oci.resolve(r))
+            .await
+    }
+
+    async fn bounded<T>(
+        &self,
+        source: &Source,
+        work: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.total_timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                Code::Timeout,
+                format!(
+                    "fetching {source} took longer than {}",
+                    humantime::format_duration(self.total_timeout)
+                ),
+            )),
+        }
+    }
+}
+
+/// Validates a module file as Wasm (off the async runtime).
+pub async fn validate(file: &NamedTempFile) -> Result<()> {
+    let path = file.path().to_path_buf();
+    tokio::task::spawn_blocking(move || crate::verify::validate_file(&path))
+        .await
+        .map_err(|e| Error::internal("validating module", e))?
+}
+
+/// Unwraps gzip/tar around a downloaded file (off the async runtime), then validates the
+/// module. Returns the module file, digest and size.
+pub async fn unwrap_and_validate(
+    store: &Store,
+    downloaded: (NamedTempFile, Digest, u64),
+    max_size: u64,
+    entry: unpack::TarEntry,
+    require_tar: bool,
+) -> Result<(NamedTempFile, Digest, u64)> {
+    let (file, digest, size) = downloaded;
+    let path = file.path().to_path_buf();
+    let st = store.clone();
+    let unwrapped = tokio::task::spawn_blocking(move || {
+        unpack::unwrap(&st, &path, max_size, entry, require_tar)
+    })
+    .await
+    .map_err(|e| Error::internal("unpacking module", e))??;
+    let out = match unwrapped {
+        unpack::Unwrapped::Plain => (file, digest, size),
+        unpack::Unwrapped::Extracted(f, d, s) => (f, d, s),
+    };
+    validate(&out.0).await?;
+    Ok(out)
+}

@@ -1,0 +1,237 @@
+//! The index: which module each source location resolved to, persisted in `cache_dir`
+//! (`index.json`) so a restarted daemon serves cache hits without the network.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::store::Store;
+
+/// Name of the index file under `cache_dir`.
+const INDEX_FILE: &str = "index.json";
+
+/// What one location (a url, or an OCI reference with its tag/digest) resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    /// The exact location, e.g. `oci://reg/repo:tag`; the index key.
+    pub location: String,
+    /// The source the bytes came from (`oci://reg/repo`, the http url, `file://path`).
+    pub source: String,
+    /// sha256 of the module bytes; the blob's name in the store.
+    pub module: Digest,
+    /// Module size in bytes.
+    pub size: u64,
+    /// OCI: digest of the image manifest the module came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<Digest>,
+    /// OCI: digest of the image index the manifest was picked from, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_digest: Option<Digest>,
+    /// When the module was downloaded (unix seconds).
+    pub fetched_at: u64,
+    /// When the location was last checked upstream (unix seconds).
+    pub resolved_at: u64,
+    /// Per plugin resource name, the resource version this location was last resolved for
+    /// (drives `Always`).
+    #[serde(default)]
+    pub versions: BTreeMap<String, String>,
+}
+
+impl Record {
+    /// The digest the location itself points at: the index when there is one, else the
+    /// manifest, else (http/file) the module.
+    pub fn top_digest(&self) -> Digest {
+        self.index_digest
+            .or(self.image_digest)
+            .unwrap_or(self.module)
+    }
+
+    /// True when `d` names this record's module, manifest or index.
+    pub fn answers_to(&self, d: &Digest) -> bool {
+        self.module == *d || self.image_digest == Some(*d) || self.index_digest == Some(*d)
+    }
+}
+
+/// The on-disk form of the index.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct IndexFile {
+    /// Format version, for future migrations.
+    version: u32,
+    /// All records.
+    records: Vec<Record>,
+}
+
+/// The index in memory, written through to disk on every change.
+#[derive(Debug, Clone)]
+pub struct Index {
+    /// Where the file is persisted.
+    store: Store,
+    /// Records by location.
+    records: Arc<Mutex<BTreeMap<String, Record>>>,
+    /// Serialises writes of the file so an older snapshot never overwrites a newer one.
+    write_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Seconds since the unix epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Index {
+    /// Loads the index, dropping records whose blob is missing. Blocking.
+    pub fn load(store: &Store) -> Result<Index> {
+        let mut records = BTreeMap::new();
+        let mut dropped = 0;
+        if let Some(bytes) = store.read_meta(INDEX_FILE)? {
+            match serde_json::from_slice::<IndexFile>(&bytes) {
+                Ok(file) => {
+                    for r in file.records {
+                        if store.has(&r.module) {
+                            records.insert(r.location.clone(), r);
+                        } else {
+                            dropped += 1;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cache index is unreadable; starting with an empty index");
+                }
+            }
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "dropped index records whose module blob is missing"
+            );
+        }
+        let index = Index {
+            store: store.clone(),
+            records: Arc::new(Mutex::new(records)),
+            write_lock: Arc::new(tokio::sync::Mutex::new(())),
+        };
+        if dropped > 0 {
+            index.write_now()?;
+        }
+        Ok(index)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The record for `location`.
+    pub fn get(&self, location: &str) -> Option<Record> {
+        self.lock().get(location).cloned()
+    }
+
+    /// A record of `source` whose module, manifest or index digest is every one of `digests`.
+    pub fn find_by_digests(&self, source: &str, digests: &[Digest]) -> Option<Record> {
+        self.lock()
+            .values()
+            .find(|r| r.source == source && digests.iter().all(|d| r.answers_to(d)))
+            .cloned()
+    }
+
+    /// True when `source` already produced the module `module` (so its bytes may be reused
+    /// for that source without downloading them again).
+    pub fn source_has_module(&self, source: &str, module: &Digest) -> bool {
+        self.lock()
+            .values()
+            .any(|r| r.source == source && r.module == *module)
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when there are no records.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Inserts or replaces a record and persists the index.
+    pub async fn put(&self, record: Record) -> Result<()> {
+        self.lock().insert(record.location.clone(), record);
+        self.persist().await
+    }
+
+    /// Writes the current records to disk (atomically).
+    pub async fn persist(&self) -> Result<()> {
+        let _guard = self.write_lock.lock().await;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.write_now())
+            .await
+            .map_err(|e| Error::internal("writing index", e))?
+    }
+
+    fn write_now(&self) -> Result<()> {
+        let file = IndexFile {
+            version: 1,
+            records: self.lock().values().cloned().collect(),
+        };
+        let bytes =
+            serde_json::to_vec_pretty(&file).map_err(|e| Error::internal("encoding index", e))?;
+        self.store.write_meta(INDEX_FILE, &bytes, 0o640)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(location: &str, module: Digest) -> Record {
+        Record {
+            location: location.into(),
+            source: "oci://r/x".into(),
+            module,
+            size: 1,
+            image_digest: Some(Digest::of(b"manifest")),
+            index_digest: None,
+            fetched_at: 1,
+            resolved_at: 1,
+            versions: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn persists_and_drops_records_without_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let kept = Digest::of(b"kept");
+        let mut w = store.writer(100, "m").unwrap();
+        w.write(b"kept").await.unwrap();
+        let (tmp, d, _) = w.finish().await.unwrap();
+        store.commit(tmp, &d).unwrap();
+
+        let index = Index::load(&store).unwrap();
+        index.put(record("oci://r/x:a", kept)).await.unwrap();
+        index
+            .put(record("oci://r/x:b", Digest::of(b"gone")))
+            .await
+            .unwrap();
+        assert_eq!(index.len(), 2);
+
+        let reloaded = Index::load(&store).unwrap();
+        assert_eq!(reloaded.len(), 1);
+        assert_eq!(reloaded.get("oci://r/x:a").unwrap().module, kept);
+        assert!(
+            reloaded
+                .find_by_digests("oci://r/x", &[Digest::of(b"manifest")])
+                .is_some()
+        );
+        assert!(
+            reloaded
+                .find_by_digests("oci://other/x", &[Digest::of(b"manifest")])
+                .is_none()
+        );
+    }
+}

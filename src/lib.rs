@@ -1,0 +1,36 @@
+#![forbid(unsafe_code)]
+//! wasm-cache: a node-local agent that resolves, pulls, verifies, caches and serves the Wasm
+//! modules behind Istio WasmPlugin urls to proxies over a unix socket.
+//!
+//! One request flows top to bottom through these modules:
+//!
+//! - [`server`]: the socket API (axum on a unix listener), JSON in and out, errors as codes.
+//! - [`service`]: the one place that decides (pull policy, cache hit, singleflight).
+//! - [`policy`]: the pull-policy rules as a pure function.
+//! - [`source`]: parsing urls and OCI references.
+//! - [`fetch`]: the fetchers (`oci`, `http`, `file`), gzip/tar unwrapping, retries.
+//! - [`netguard`]: which addresses the daemon may connect to.
+//! - [`verify`]: Wasm validation; [`digest`]: sha256 parsing and hashing.
+//! - [`store`]: content-addressed blobs with crash-safe writes; [`index`]: what each
+//!   location resolved to, persisted.
+//! - [`auth`]: secrets that never print.
+//! - [`config`]: the TOML file parsed once into validated settings.
+//! - [`daemon`]: socket binding, startup and shutdown; [`cli`] and [`client`]: the command line.
+//! - [`error`]: the error type and its stable wire codes.
+
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod digest;
+pub mod error;
+pub mod fetch;
+pub mod index;
+pub mod netguard;
+pub mod policy;
+pub mod server;
+pub mod service;
+pub mod source;
+pub mod store;
+pub mod verify;

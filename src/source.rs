@@ -1,0 +1,353 @@
+//! Where a module comes from: parsing WasmPlugin `url`s and OCI references.
+//!
+//! `oci://` (also when there is no scheme), `http://`, `https://` and `file://` are accepted;
+//! OCI references parse like Kubernetes image names.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use reqwest::Url;
+
+use crate::digest::Digest;
+use crate::error::{Code, Error, Result};
+
+/// Docker Hub's name in references, after normalisation.
+pub const DOCKER_HUB: &str = "docker.io";
+
+/// A parsed module location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// An image or artifact in an OCI registry.
+    Oci(OciRef),
+    /// A module (possibly gzip/tar wrapped) behind an http(s) url.
+    Http(Url),
+    /// A module file on this node.
+    File(PathBuf),
+}
+
+/// An OCI reference, `host[:port]/path[:tag][@sha256:hex]`, normalised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OciRef {
+    /// Registry as `host[:port]`, lowercase; `docker.io` for Docker Hub.
+    pub registry: String,
+    /// Repository path, e.g. `library/nginx`.
+    pub repository: String,
+    /// The tag; `latest` when the reference has neither tag nor digest.
+    pub tag: Option<String>,
+    /// True when `tag` was filled in as the implicit `latest`.
+    pub implicit_tag: bool,
+    /// The pinned manifest (or index) digest, if any.
+    pub digest: Option<Digest>,
+}
+
+impl Source {
+    /// Parses a WasmPlugin `url`.
+    pub fn parse(url: &str) -> Result<Source> {
+        let url = url.trim();
+        if url.is_empty() {
+            return Err(Error::invalid("url is empty"));
+        }
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return OciRef::parse(url).map(Source::Oci);
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "oci" => OciRef::parse(rest).map(Source::Oci),
+            "http" | "https" => {
+                let parsed = Url::parse(url)
+                    .map_err(|e| Error::invalid(format!("invalid url {}: {e}", redact(url))))?;
+                if parsed.host_str().is_none_or(str::is_empty) {
+                    return Err(Error::invalid(format!("url {} has no host", redact(url))));
+                }
+                Ok(Source::Http(parsed))
+            }
+            "file" => {
+                let parsed = Url::parse(url)
+                    .map_err(|e| Error::invalid(format!("invalid file url {url:?}: {e}")))?;
+                let path = parsed.to_file_path().map_err(|()| {
+                    Error::invalid(format!(
+                        "invalid file url {url:?}: expected file:///absolute/path"
+                    ))
+                })?;
+                Ok(Source::File(path))
+            }
+            other => Err(Error::new(
+                Code::UnsupportedScheme,
+                format!("unsupported url scheme {other:?}: expected oci, http, https or file"),
+            )),
+        }
+    }
+
+    /// Identity of the place the bytes come from, independent of tag: `oci://registry/repo`,
+    /// the http url, or `file://path`. Cached bytes are only ever handed out for the same
+    /// source key they were fetched from.
+    pub fn source_key(&self) -> String {
+        match self {
+            Source::Oci(r) => format!("oci://{}/{}", r.registry, r.repository),
+            Source::Http(u) => strip_fragment(u),
+            Source::File(p) => format!("file://{}", p.display()),
+        }
+    }
+
+    /// Identity of this exact reference (with tag and digest), the key of the cache index.
+    pub fn location_key(&self) -> String {
+        match self {
+            Source::Oci(r) => format!("oci://{r}"),
+            _ => self.source_key(),
+        }
+    }
+
+    /// The digest pinned in the url itself (`@sha256:`), if any.
+    pub fn pinned_digest(&self) -> Option<Digest> {
+        match self {
+            Source::Oci(r) => r.digest,
+            _ => None,
+        }
+    }
+
+    /// The scheme, for logs and metrics.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Source::Oci(_) => "oci",
+            Source::Http(u) if u.scheme() == "https" => "https",
+            Source::Http(_) => "http",
+            Source::File(_) => "file",
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    /// A form safe for logs and error messages: http credentials are redacted.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Oci(r) => write!(f, "oci://{r}"),
+            Source::Http(u) => f.write_str(&redact(u.as_str())),
+            Source::File(p) => write!(f, "file://{}", p.display()),
+        }
+    }
+}
+
+fn strip_fragment(u: &Url) -> String {
+    let mut u = u.clone();
+    u.set_fragment(None);
+    u.to_string()
+}
+
+/// Removes `user:password@` from a url for display.
+pub fn redact(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("redacted");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => match url.rsplit_once('@') {
+            Some((_, host)) if url.contains("://") => format!("<redacted>@{host}"),
+            _ => url.to_string(),
+        },
+    }
+}
+
+impl OciRef {
+    /// Parses `host[:port]/path[:tag][@sha256:hex]` the way Kubernetes parses image names.
+    pub fn parse(reference: &str) -> Result<OciRef> {
+        let bad = |why: &str| Error::invalid(format!("invalid OCI reference {reference:?}: {why}"));
+        let (name, digest) = match reference.split_once('@') {
+            Some((n, d)) => {
+                let digest = d.parse::<Digest>().map_err(|e| bad(&e.message))?;
+                if !d.to_ascii_lowercase().starts_with("sha256:") {
+                    return Err(bad("a digest must be written as @sha256:<hex>"));
+                }
+                (n, Some(digest))
+            }
+            None => (reference, None),
+        };
+        // A tag is a ':' after the last '/'.
+        let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+        let (path, tag) = match name[last_slash..].rfind(':') {
+            Some(i) => (&name[..last_slash + i], Some(&name[last_slash + i + 1..])),
+            None => (name, None),
+        };
+        if let Some(t) = tag {
+            let ok = !t.is_empty()
+                && t.len() <= 128
+                && t.bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            if !ok {
+                return Err(bad("invalid tag"));
+            }
+        }
+        let (registry, repository) = match path.split_once('/') {
+            Some((first, rest))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                (first.to_ascii_lowercase(), rest.to_string())
+            }
+            Some(_) => (DOCKER_HUB.to_string(), path.to_string()),
+            None => (DOCKER_HUB.to_string(), format!("library/{path}")),
+        };
+        let registry = match registry.as_str() {
+            "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB.to_string(),
+            _ => registry,
+        };
+        if registry.is_empty() {
+            return Err(bad("empty registry"));
+        }
+        if repository.is_empty() {
+            return Err(bad("empty repository"));
+        }
+        for component in repository.split('/') {
+            let ok = !component.is_empty()
+                && component
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && component
+                    .bytes()
+                    .next()
+                    .is_some_and(|b| b.is_ascii_alphanumeric());
+            if !ok {
+                return Err(bad(
+                    "repository path components must be lowercase letters, digits and . _ -",
+                ));
+            }
+        }
+        let implicit_tag = tag.is_none() && digest.is_none();
+        let tag = match tag {
+            Some(t) => Some(t.to_string()),
+            None if implicit_tag => Some("latest".to_string()),
+            None => None,
+        };
+        Ok(OciRef {
+            registry,
+            repository,
+            tag,
+            implicit_tag,
+            digest,
+        })
+    }
+
+    /// The host to talk to for the registry API (`registry-1.docker.io` for Docker Hub).
+    pub fn api_host(&self) -> &str {
+        if self.registry == DOCKER_HUB {
+            "registry-1.docker.io"
+        } else {
+            &self.registry
+        }
+    }
+
+    /// The reference the manifest is asked for by: the digest when pinned, else the tag.
+    pub fn manifest_reference(&self) -> String {
+        match (&self.digest, &self.tag) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(t)) => t.clone(),
+            (None, None) => "latest".to_string(),
+        }
+    }
+
+    /// True when the tag is `latest` (written or implied) and no digest is pinned.
+    pub fn is_latest(&self) -> bool {
+        self.digest.is_none() && self.tag.as_deref() == Some("latest")
+    }
+}
+
+impl fmt::Display for OciRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.registry, self.repository)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oci(s: &str) -> OciRef {
+        match Source::parse(s).unwrap() {
+            Source::Oci(r) => r,
+            other => panic!("{s} parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_scheme_means_oci_and_docker_hub_names_normalise() {
+        let r = oci("nginx");
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("docker.io", "library/nginx")
+        );
+        assert_eq!(r.tag.as_deref(), Some("latest"));
+        assert!(r.implicit_tag && r.is_latest());
+        let r = oci("istio/plugin:1.0");
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("docker.io", "istio/plugin")
+        );
+        assert_eq!(r.api_host(), "registry-1.docker.io");
+        assert!(!r.is_latest());
+        let r = oci("oci://index.docker.io/istio/plugin:1.0");
+        assert_eq!(r.registry, "docker.io");
+    }
+
+    #[test]
+    fn registry_with_port_tag_and_digest() {
+        let d = "a".repeat(64);
+        let r = oci(&format!("oci://localhost:5000/team/acl:v2@sha256:{d}"));
+        assert_eq!(r.registry, "localhost:5000");
+        assert_eq!(r.repository, "team/acl");
+        assert_eq!(r.tag.as_deref(), Some("v2"));
+        assert_eq!(r.digest.unwrap().hex(), d);
+        assert_eq!(r.manifest_reference(), format!("sha256:{d}"));
+        let r = oci(&format!("127.0.0.1:5000/acl@sha256:{d}"));
+        assert_eq!(r.tag, None);
+        assert!(!r.implicit_tag && !r.is_latest());
+        let r = oci("registry.example.com/acl");
+        assert_eq!(r.registry, "registry.example.com");
+        assert!(r.is_latest());
+    }
+
+    #[test]
+    fn other_schemes() {
+        assert!(matches!(
+            Source::parse("https://h/x.wasm").unwrap(),
+            Source::Http(_)
+        ));
+        assert_eq!(
+            Source::parse("file:///opt/filters/a.wasm").unwrap(),
+            Source::File("/opt/filters/a.wasm".into())
+        );
+        let err = Source::parse("ftp://h/x.wasm").unwrap_err();
+        assert_eq!(err.code, Code::UnsupportedScheme);
+    }
+
+    #[test]
+    fn rejects_bad_references() {
+        for bad in [
+            "",
+            "oci://",
+            "Registry.io/UPPER:tag",
+            "host:5000/x:",
+            "host:5000/x@sha256:123",
+            "host:5000/x:bad/tag",
+            "host:5000//x",
+        ] {
+            let err = Source::parse(bad).unwrap_err();
+            assert_eq!(err.code, Code::InvalidRequest, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn display_redacts_http_credentials() {
+        let s = Source::parse("https://user:hunter2@h.example/x.wasm").unwrap();
+        assert!(!s.to_string().contains("hunter2"), "{s}");
+        assert!(!redact("https://user:hunter2@h.example/x").contains("hunter2"));
+    }
+}
