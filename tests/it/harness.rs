@@ -1,0 +1,681 @@
+//! Shared test helpers: a real `docker-registry` on 127.0.0.1, a counting proxy in front of
+//! it, artifact pushing through the registry HTTP API, test HTTP servers, and a real
+//! `wasm-cache serve` process on a socket in a temp dir.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use sha2::{Digest as _, Sha256};
+
+/// sha256 as `sha256:<hex>`.
+pub fn sha(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// A valid Wasm module, unique per `name`, with `pad` extra bytes in a custom section.
+pub fn wasm_module(name: &str, pad: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    leb(&mut body, name.len());
+    body.extend_from_slice(name.as_bytes());
+    body.extend(std::iter::repeat_n(0x42u8, pad));
+    let mut m = b"\0asm\x01\0\0\0".to_vec();
+    m.push(0);
+    leb(&mut m, body.len());
+    m.extend(body);
+    m
+}
+
+fn leb(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// A gzip'd tar holding `files`.
+pub fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {
+    gzip(&tar(files))
+}
+
+/// A tar holding `files`.
+pub fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// gzip of `data`.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// A free port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `ready` up to `tries` times, `every` apart; panics with `what` if it never holds.
+pub fn wait_until(what: &str, tries: usize, every: Duration, mut ready: impl FnMut() -> bool) {
+    for _ in 0..tries {
+        if ready() {
+            return;
+        }
+        std::thread::sleep(every);
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A `docker-registry` (CNCF distribution) process with its own config and storage.
+pub struct Registry {
+    /// `127.0.0.1:port`.
+    pub addr: String,
+    /// The wrapper shell; closing its stdin stops the registry.
+    child: Mutex<Option<Child>>,
+    /// Storage and config.
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts an anonymous registry on a free loopback port.
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let bin = which("docker-registry");
+        // The wrapper stops the registry when this test process goes away (stdin closes),
+        // even if it dies without running destructors.
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(r#""$0" serve "$1" >"$2" 2>&1 & pid=$!; cat >/dev/null; kill $pid; wait $pid 2>/dev/null"#)
+            .arg(&bin)
+            .arg(&config)
+            .arg(dir.path().join("registry.log"))
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("starting docker-registry");
+        let url = format!("http://{addr}/v2/");
+        wait_until("docker-registry to listen", 400, Duration::from_millis(25), || {
+            blocking_get(&url).is_some_and(|s| s == 200)
+        });
+        Registry {
+            addr,
+            child: Mutex::new(Some(child)),
+            _dir: dir,
+        }
+    }
+
+    /// Stops the registry.
+    pub fn stop(&self) {
+        if let Some(mut c) = self.child.lock().unwrap().take() {
+            drop(c.stdin.take());
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn which(bin: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join(bin);
+        if p.is_file() {
+            return p;
+        }
+    }
+    for p in [format!("/usr/bin/{bin}"), format!("/usr/sbin/{bin}")] {
+        if Path::new(&p).is_file() {
+            return p.into();
+        }
+    }
+    panic!("{bin} is not installed: run the README's test command, which installs it");
+}
+
+/// Status of a plain HTTP/1.0 GET (blocking, no runtime), or `None` when nothing answers.
+fn blocking_get(url: &str) -> Option<u16> {
+    use std::io::Read;
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}")))?;
+    let mut s = std::net::TcpStream::connect(host).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").ok()?;
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).ok()?;
+    std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
+}
+
+/// Forwards to a registry and counts requests by `METHOD path`, so tests can assert exactly
+/// what the daemon asked upstream. Counts are final by the time the daemon has its answer.
+pub struct CountingProxy {
+    /// `127.0.0.1:port` the daemon talks to.
+    pub addr: String,
+    /// Shared state with the proxy task.
+    state: Arc<ProxyState>,
+}
+
+struct ProxyState {
+    upstream: String,
+    counts: Mutex<HashMap<String, usize>>,
+    /// Per path substring: how many more requests answer with the given status.
+    faults: Mutex<Vec<(String, usize, u16)>>,
+    client: reqwest::Client,
+}
+
+impl CountingProxy {
+    /// Starts a proxy to `upstream` on its own thread and runtime.
+    pub fn start(upstream: &str) -> CountingProxy {
+        let state = Arc::new(ProxyState {
+            upstream: upstream.to_string(),
+            counts: Mutex::new(HashMap::new()),
+            faults: Mutex::new(Vec::new()),
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let st = Arc::clone(&state);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let app = axum::Router::new().fallback(forward).with_state(st);
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        CountingProxy { addr, state }
+    }
+
+    /// Requests seen whose `METHOD path` starts with `prefix` (e.g. `GET /v2/repo/blobs/`).
+    pub fn count(&self, prefix: &str) -> usize {
+        self.state
+            .counts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Requests seen for repository `repo` (any method, manifests and blobs).
+    pub fn repo_count(&self, repo: &str) -> usize {
+        let needle = format!(" /v2/{repo}/");
+        self.state
+            .counts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.contains(&needle))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Makes the next `n` requests whose path contains `path_part` answer `status`.
+    pub fn fail_next(&self, path_part: &str, n: usize, status: u16) {
+        self.state.faults.lock().unwrap().push((path_part.to_string(), n, status));
+    }
+}
+
+async fn forward(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
+    let method = req.method().clone();
+    let pq = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let path = req.uri().path().to_string();
+    *st.counts.lock().unwrap().entry(format!("{method} {path}")).or_default() += 1;
+    {
+        let mut faults = st.faults.lock().unwrap();
+        if let Some(f) = faults.iter_mut().find(|f| f.1 > 0 && path.contains(&f.0)) {
+            f.1 -= 1;
+            return Response::builder()
+                .status(f.2)
+                .body(Body::from("injected fault"))
+                .unwrap();
+        }
+    }
+    let headers: HeaderMap = req.headers().clone();
+    let body = axum::body::to_bytes(req.into_body(), usize::MAX).await.unwrap();
+    let mut out = st
+        .client
+        .request(method, format!("http://{}{pq}", st.upstream))
+        .body(body);
+    for name in ["accept", "authorization", "content-type"] {
+        for v in headers.get_all(name) {
+            out = out.header(name, v);
+        }
+    }
+    let resp = match out.send().await {
+        Ok(r) => r,
+        Err(_) => return Response::builder().status(StatusCode::BAD_GATEWAY).body(Body::empty()).unwrap(),
+    };
+    let mut b = Response::builder().status(resp.status().as_u16());
+    for (k, v) in resp.headers() {
+        if matches!(k.as_str(), "content-type" | "docker-content-digest" | "content-length" | "www-authenticate" | "etag" | "location") {
+            b = b.header(k, v);
+        }
+    }
+    let bytes = resp.bytes().await.unwrap_or_default();
+    b.body(Body::from(bytes)).unwrap()
+}
+
+/// The registry and proxy shared by every test of this binary (separate repositories per
+/// test keep them apart).
+pub fn shared() -> &'static (Registry, CountingProxy) {
+    static SHARED: OnceLock<(Registry, CountingProxy)> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let r = Registry::start();
+        let p = CountingProxy::start(&r.addr);
+        (r, p)
+    })
+}
+
+/// A descriptor as pushed.
+#[derive(Clone, Debug)]
+pub struct Desc {
+    /// Media type.
+    pub media_type: String,
+    /// Digest.
+    pub digest: String,
+    /// Size.
+    pub size: usize,
+}
+
+impl Desc {
+    /// As manifest JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({"mediaType": self.media_type, "digest": self.digest, "size": self.size})
+    }
+}
+
+/// Pushes to a registry through its HTTP API.
+pub struct Pusher {
+    /// `http://127.0.0.1:port`.
+    base: String,
+    /// HTTP client.
+    client: reqwest::Client,
+}
+
+impl Pusher {
+    /// A pusher for `addr`.
+    pub fn new(addr: &str) -> Pusher {
+        Pusher {
+            base: format!("http://{addr}"),
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    /// Uploads a blob; returns its descriptor.
+    pub async fn blob(&self, repo: &str, media_type: &str, data: &[u8]) -> Desc {
+        let digest = sha(data);
+        let r = self
+            .client
+            .post(format!("{}/v2/{repo}/blobs/uploads/", self.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "starting upload");
+        let loc = r.headers()["location"].to_str().unwrap().to_string();
+        let loc = if loc.starts_with("http") { loc } else { format!("{}{loc}", self.base) };
+        let sep = if loc.contains('?') { '&' } else { '?' };
+        let r = self
+            .client
+            .put(format!("{loc}{sep}digest={digest}"))
+            .header("content-type", "application/octet-stream")
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "finishing upload: {}", r.text().await.unwrap());
+        Desc {
+            media_type: media_type.to_string(),
+            digest,
+            size: data.len(),
+        }
+    }
+
+    /// Puts a manifest under `reference`; returns its descriptor.
+    pub async fn manifest(&self, repo: &str, reference: &str, media_type: &str, body: &serde_json::Value) -> Desc {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let r = self
+            .client
+            .put(format!("{}/v2/{repo}/manifests/{reference}", self.base))
+            .header("content-type", media_type)
+            .body(bytes.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "putting manifest: {}", r.text().await.unwrap());
+        Desc {
+            media_type: media_type.to_string(),
+            digest: sha(&bytes),
+            size: bytes.len(),
+        }
+    }
+
+    /// An OCI/Docker image manifest with `config` and `layers`, tagged `reference`.
+    pub async fn image(&self, repo: &str, reference: &str, media_type: &str, config: &Desc, layers: &[Desc], extra: serde_json::Value) -> Desc {
+        let mut m = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "config": config.json(),
+            "layers": layers.iter().map(Desc::json).collect::<Vec<_>>(),
+        });
+        if let serde_json::Value::Object(e) = extra {
+            m.as_object_mut().unwrap().extend(e);
+        }
+        self.manifest(repo, reference, media_type, &m).await
+    }
+}
+
+/// Media types used in tests.
+pub mod mt {
+    pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    pub const SOLO_CONFIG: &str = "application/vnd.module.wasm.config.v1+json";
+    pub const SOLO_LAYER: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
+    pub const CNCF_CONFIG: &str = "application/vnd.wasm.config.v0+json";
+    pub const CNCF_LAYER: &str = "application/wasm";
+    pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+    pub const OCI_TGZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+    pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+    pub const DOCKER_TGZ: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+}
+
+/// Pushes a Solo-format artifact of `module` as `repo:tag`; returns the manifest descriptor.
+pub async fn push_solo(p: &Pusher, repo: &str, tag: &str, module: &[u8]) -> Desc {
+    let config = p.blob(repo, mt::SOLO_CONFIG, b"{}").await;
+    let layer = p.blob(repo, mt::SOLO_LAYER, module).await;
+    p.image(repo, tag, mt::OCI_MANIFEST, &config, &[layer], serde_json::json!({})).await
+}
+
+/// A running `wasm-cache serve`.
+pub struct Daemon {
+    /// The proxies' socket.
+    pub socket: PathBuf,
+    /// The config file.
+    pub config: PathBuf,
+    /// The cache directory.
+    pub cache_dir: PathBuf,
+    /// Where the daemon's stderr goes.
+    pub log: PathBuf,
+    /// The process.
+    child: Option<Child>,
+    /// Temp dir holding all of the above.
+    pub dir: Arc<tempfile::TempDir>,
+}
+
+/// Config snippets a test adds to the daemon's config.
+#[derive(Default, Clone)]
+pub struct DaemonOpts {
+    /// Extra TOML appended at top level (before any table).
+    pub top: String,
+    /// Extra tables.
+    pub tables: String,
+    /// Leave `[network] allow_cidrs` out (the guard's defaults apply).
+    pub no_loopback_allow: bool,
+}
+
+impl Daemon {
+    /// Starts a daemon in a new temp dir.
+    pub fn start(opts: DaemonOpts) -> Daemon {
+        Self::start_in(Arc::new(tempfile::tempdir().unwrap()), opts)
+    }
+
+    /// Starts a daemon whose files live in `dir` (reused across restarts).
+    pub fn start_in(dir: Arc<tempfile::TempDir>, opts: DaemonOpts) -> Daemon {
+        let socket = dir.path().join("run").join("wasm-cache.sock");
+        let cache_dir = dir.path().join("cache");
+        let config = dir.path().join("wasm-cache.toml");
+        let files = dir.path().join("files");
+        std::fs::create_dir_all(&files).unwrap();
+        let network = if opts.no_loopback_allow {
+            String::new()
+        } else {
+            "[network]\nallow_cidrs = [\"127.0.0.0/8\"]\n".to_string()
+        };
+        std::fs::write(
+            &config,
+            format!(
+                "socket = {socket:?}\ncache_dir = {cache_dir:?}\n{}\n[fetch]\nrequest_timeout = \"5s\"\ntotal_timeout = \"30s\"\nretries = 3\nbackoff_min = \"10ms\"\nbackoff_max = \"50ms\"\n\n[file]\nallowed_roots = [{files:?}]\n\n{network}\n{}\n",
+                opts.top, opts.tables
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join("daemon.log");
+        let mut d = Daemon {
+            socket,
+            config,
+            cache_dir,
+            log,
+            child: None,
+            dir,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_wasm-cache"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .env("WASM_CACHE_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let sock = self.socket.clone();
+        let log = self.log.clone();
+        let mut tries = 0;
+        wait_until("the daemon's socket", 400, Duration::from_millis(25), || {
+            tries += 1;
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("daemon exited with {status}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops and starts again on the same config and cache.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// The directory `file://` urls may read.
+    pub fn files_dir(&self) -> PathBuf {
+        self.dir.path().join("files")
+    }
+
+    /// A client for the socket.
+    pub fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder().unix_socket(self.socket.clone()).build().unwrap()
+    }
+
+    /// POSTs `/v1/fetch`; returns status and JSON body.
+    pub async fn fetch(&self, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = self
+            .client()
+            .post("http://localhost/v1/fetch")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let v = r.json().await.unwrap_or(serde_json::Value::Null);
+        (status, v)
+    }
+
+    /// POSTs `/v1/fetch` expecting success; returns the JSON.
+    pub async fn fetch_ok(&self, body: serde_json::Value) -> serde_json::Value {
+        let (s, v) = self.fetch(body.clone()).await;
+        assert_eq!(s, 200, "fetch {body} answered {v}\nlog:\n{}", self.log_text());
+        v
+    }
+
+    /// POSTs `/v1/fetch` expecting an error; returns its code.
+    pub async fn fetch_err(&self, body: serde_json::Value) -> (u16, String) {
+        let (s, v) = self.fetch(body.clone()).await;
+        assert_ne!(s, 200, "fetch {body} unexpectedly succeeded: {v}");
+        let code = v["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {v}")).to_string();
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        (s, code)
+    }
+
+    /// GETs a module path; returns status and bytes.
+    pub async fn get(&self, path: &str) -> (u16, Vec<u8>) {
+        let r = self.client().get(format!("http://localhost{path}")).send().await.unwrap();
+        (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Module blobs in the cache.
+    pub fn blob_count(&self) -> usize {
+        std::fs::read_dir(self.cache_dir.join("blobs").join("sha256")).map(|d| d.count()).unwrap_or(0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A tiny HTTP server for `http(s)://` tests: serves fixed routes, counts requests, can
+/// fail the first N requests of a route.
+pub struct HttpServer {
+    /// `127.0.0.1:port`.
+    pub addr: SocketAddr,
+    /// Requests per path.
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One route of [`HttpServer`].
+#[derive(Clone)]
+pub enum Route {
+    /// 200 with these bytes.
+    Bytes(Vec<u8>),
+    /// `status` for the first `n` requests, then 200 with the bytes.
+    FailFirst(usize, u16, Vec<u8>),
+    /// 302 to this url.
+    Redirect(String),
+}
+
+impl HttpServer {
+    /// Starts serving `routes` on 127.0.0.1 (thread + runtime of its own).
+    pub fn start(routes: Vec<(&str, Route)>) -> HttpServer {
+        Self::start_on("127.0.0.1:0", routes)
+    }
+
+    /// Starts serving `routes` on `bind`.
+    pub fn start_on(bind: &str, routes: Vec<(&str, Route)>) -> HttpServer {
+        let routes: HashMap<String, Route> = routes.into_iter().map(|(p, r)| (p.to_string(), r)).collect();
+        let routes = Arc::new(routes);
+        let counts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let listener = TcpListener::bind(bind).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let c = Arc::clone(&counts);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let app = axum::Router::new().fallback(move |req: Request| {
+                    let routes = Arc::clone(&routes);
+                    let c = Arc::clone(&c);
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let n = {
+                            let mut m = c.lock().unwrap();
+                            let e = m.entry(path.clone()).or_default();
+                            *e += 1;
+                            *e
+                        };
+                        let resp = |s: u16, b: Vec<u8>| Response::builder().status(s).body(Body::from(b)).unwrap();
+                        match routes.get(&path) {
+                            None => resp(404, b"no such file".to_vec()),
+                            Some(Route::Bytes(b)) => resp(200, b.clone()),
+                            Some(Route::FailFirst(k, s, b)) if n <= *k => {
+                                let _ = b;
+                                resp(*s, b"try again".to_vec())
+                            }
+                            Some(Route::FailFirst(_, _, b)) => resp(200, b.clone()),
+                            Some(Route::Redirect(to)) => Response::builder()
+                                .status(302)
+                                .header("location", to)
+                                .body(Body::empty())
+                                .unwrap(),
+                        }
+                    }
+                });
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        HttpServer { addr, counts }
+    }
+
+    /// Requests seen for `path`.
+    pub fn count(&self, path: &str) -> usize {
+        self.counts.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    /// `http://addr{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}

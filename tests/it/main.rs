@@ -1,0 +1,8 @@
+//! Integration tests: a real `docker-registry`, real HTTP servers and files, a real
+//! `wasm-cache serve` process, driven over its unix socket by reqwest, curl and the CLI.
+
+mod harness;
+
+mod api;
+mod http_file;
+mod oci;
