@@ -14,7 +14,10 @@ fn curl(d: &Daemon, args: &[&str]) -> (String, String) {
         .args(args)
         .output()
         .expect("curl is installed by the README's test command");
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test]
@@ -25,25 +28,62 @@ async fn curl_fetches_and_downloads_a_module() {
     push_solo(&p, "api/curl", "v1", &m).await;
     let d = Daemon::start(DaemonOpts::default());
     let body = json!({"url": format!("oci://{}/api/curl:v1", proxy.addr)}).to_string();
-    let (out, err) = curl(&d, &["-X", "POST", "-H", "content-type: application/json", "-d", &body, "http://localhost/v1/fetch"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    let (out, err) = curl(
+        &d,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+            "http://localhost/v1/fetch",
+        ],
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
     assert_eq!(v["digest"], sha(&m));
     let module_url = v["moduleUrl"].as_str().unwrap();
     assert_eq!(module_url, format!("/v1/modules/{}", sha(&m)));
 
     let file = d.dir.path().join("out.wasm");
-    let (_, err) = curl(&d, &["-f", "-o", file.to_str().unwrap(), &format!("http://localhost{module_url}")]);
+    let (_, err) = curl(
+        &d,
+        &[
+            "-f",
+            "-o",
+            file.to_str().unwrap(),
+            &format!("http://localhost{module_url}"),
+        ],
+    );
     assert_eq!(std::fs::read(&file).unwrap(), m, "{err}");
     let (headers, _) = curl(&d, &["-I", &format!("http://localhost{module_url}")]);
     let h = headers.to_ascii_lowercase();
     assert!(h.starts_with("http/1.1 200"), "{headers}");
     assert!(h.contains("content-type: application/wasm"), "{headers}");
-    assert!(h.contains(&format!("content-length: {}", m.len())), "{headers}");
+    assert!(
+        h.contains(&format!("content-length: {}", m.len())),
+        "{headers}"
+    );
     assert!(h.contains(&format!("etag: \"{}\"", sha(&m))), "{headers}");
 
     // Accept: application/wasm answers the bytes directly.
     let file2 = d.dir.path().join("out2.wasm");
-    curl(&d, &["-f", "-o", file2.to_str().unwrap(), "-H", "accept: application/wasm", "-H", "content-type: application/json", "-d", &body, "http://localhost/v1/fetch"]);
+    curl(
+        &d,
+        &[
+            "-f",
+            "-o",
+            file2.to_str().unwrap(),
+            "-H",
+            "accept: application/wasm",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+            "http://localhost/v1/fetch",
+        ],
+    );
     assert_eq!(std::fs::read(&file2).unwrap(), m);
 
     let (out, _) = curl(&d, &["http://localhost/healthz"]);
@@ -54,15 +94,31 @@ async fn curl_fetches_and_downloads_a_module() {
 async fn bad_requests_get_stable_codes() {
     let d = Daemon::start(DaemonOpts::default());
     let cases = [
-        (json!({"url": "ftp://example.com/x.wasm"}), 400, "unsupported_scheme"),
+        (
+            json!({"url": "ftp://example.com/x.wasm"}),
+            400,
+            "unsupported_scheme",
+        ),
         (json!({"url": ""}), 400, "invalid_request"),
         (json!({"url": "Reg.io/UPPER:x"}), 400, "invalid_request"),
-        (json!({"url": "reg.io/a:1", "sha256": "xyz"}), 400, "invalid_request"),
-        (json!({"url": "reg.io/a:1", "pullPolicy": "Sometimes"}), 400, "invalid_request"),
+        (
+            json!({"url": "reg.io/a:1", "sha256": "xyz"}),
+            400,
+            "invalid_request",
+        ),
+        (
+            json!({"url": "reg.io/a:1", "pullPolicy": "Sometimes"}),
+            400,
+            "invalid_request",
+        ),
         (json!({"nourl": true}), 400, "invalid_request"),
     ];
     for (body, status, code) in cases {
-        assert_eq!(d.fetch_err(body.clone()).await, (status, code.to_string()), "{body}");
+        assert_eq!(
+            d.fetch_err(body.clone()).await,
+            (status, code.to_string()),
+            "{body}"
+        );
     }
     let (s, body) = d.get(&format!("/v1/modules/{}", sha(b"unknown"))).await;
     assert_eq!(s, 404);
@@ -81,22 +137,47 @@ async fn cli_fetch_prints_json_writes_files_and_reports_errors() {
     let url = format!("file://{}", path.display());
     let bin = env!("CARGO_BIN_EXE_wasm-cache");
 
-    let out = Command::new(bin).args(["fetch", &url, "--sha256", &sha(&m), "--config"]).arg(&d.config).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin)
+        .args(["fetch", &url, "--sha256", &sha(&m), "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["digest"], sha(&m));
 
     let file = d.dir.path().join("cli-out.wasm");
-    let out = Command::new(bin).args(["fetch", &url, "-o"]).arg(&file).arg("--socket").arg(&d.socket).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin)
+        .args(["fetch", &url, "-o"])
+        .arg(&file)
+        .arg("--socket")
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(std::fs::read(&file).unwrap(), m);
 
-    let out = Command::new(bin).args(["fetch", &url, "--sha256", &sha(b"x"), "--socket"]).arg(&d.socket).output().unwrap();
+    let out = Command::new(bin)
+        .args(["fetch", &url, "--sha256", &sha(b"x"), "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("checksum_mismatch"), "{err}");
 
-    let out = Command::new(bin).args(["fetch", &url, "--socket", "/nonexistent/wasm-cache.sock"]).output().unwrap();
+    let out = Command::new(bin)
+        .args(["fetch", &url, "--socket", "/nonexistent/wasm-cache.sock"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach wasm-cache"));
 }
@@ -104,11 +185,18 @@ async fn cli_fetch_prints_json_writes_files_and_reports_errors() {
 #[tokio::test]
 async fn socket_mode_and_stale_socket_replacement() {
     use std::os::unix::fs::PermissionsExt;
-    let mut d = Daemon::start(DaemonOpts { top: "socket_mode = \"0600\"".into(), ..Default::default() });
+    let mut d = Daemon::start(DaemonOpts {
+        top: "socket_mode = \"0600\"".into(),
+        ..Default::default()
+    });
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     // A second daemon on the same socket refuses to steal it.
-    let out = Command::new(env!("CARGO_BIN_EXE_wasm-cache")).args(["serve", "--config"]).arg(&d.config).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wasm-cache"))
+        .args(["serve", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another process is listening"));
     // A stale socket file (left by a crash) is replaced.

@@ -74,7 +74,11 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 
 /// A free port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `ready` up to `tries` times, `every` apart; panics with `what` if it never holds.
@@ -126,9 +130,12 @@ impl Registry {
             .spawn()
             .expect("starting docker-registry");
         let url = format!("http://{addr}/v2/");
-        wait_until("docker-registry to listen", 400, Duration::from_millis(25), || {
-            blocking_get(&url).is_some_and(|s| s == 200)
-        });
+        wait_until(
+            "docker-registry to listen",
+            400,
+            Duration::from_millis(25),
+            || blocking_get(&url).is_some_and(|s| s == 200),
+        );
         Registry {
             addr,
             child: Mutex::new(Some(child)),
@@ -251,15 +258,27 @@ impl CountingProxy {
 
     /// Makes the next `n` requests whose path contains `path_part` answer `status`.
     pub fn fail_next(&self, path_part: &str, n: usize, status: u16) {
-        self.state.faults.lock().unwrap().push((path_part.to_string(), n, status));
+        self.state
+            .faults
+            .lock()
+            .unwrap()
+            .push((path_part.to_string(), n, status));
     }
 }
 
 async fn forward(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
     let method = req.method().clone();
-    let pq = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
     let path = req.uri().path().to_string();
-    *st.counts.lock().unwrap().entry(format!("{method} {path}")).or_default() += 1;
+    *st.counts
+        .lock()
+        .unwrap()
+        .entry(format!("{method} {path}"))
+        .or_default() += 1;
     {
         let mut faults = st.faults.lock().unwrap();
         if let Some(f) = faults.iter_mut().find(|f| f.1 > 0 && path.contains(&f.0)) {
@@ -271,7 +290,9 @@ async fn forward(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
         }
     }
     let headers: HeaderMap = req.headers().clone();
-    let body = axum::body::to_bytes(req.into_body(), usize::MAX).await.unwrap();
+    let body = axum::body::to_bytes(req.into_body(), usize::MAX)
+        .await
+        .unwrap();
     let mut out = st
         .client
         .request(method, format!("http://{}{pq}", st.upstream))
@@ -283,11 +304,24 @@ async fn forward(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
     }
     let resp = match out.send().await {
         Ok(r) => r,
-        Err(_) => return Response::builder().status(StatusCode::BAD_GATEWAY).body(Body::empty()).unwrap(),
+        Err(_) => {
+            return Response::builder()
+                .status(StatusCode::BAD_GATEWAY)
+                .body(Body::empty())
+                .unwrap();
+        }
     };
     let mut b = Response::builder().status(resp.status().as_u16());
     for (k, v) in resp.headers() {
-        if matches!(k.as_str(), "content-type" | "docker-content-digest" | "content-length" | "www-authenticate" | "etag" | "location") {
+        if matches!(
+            k.as_str(),
+            "content-type"
+                | "docker-content-digest"
+                | "content-length"
+                | "www-authenticate"
+                | "etag"
+                | "location"
+        ) {
             b = b.header(k, v);
         }
     }
@@ -352,7 +386,11 @@ impl Pusher {
             .unwrap();
         assert_eq!(r.status(), 202, "starting upload");
         let loc = r.headers()["location"].to_str().unwrap().to_string();
-        let loc = if loc.starts_with("http") { loc } else { format!("{}{loc}", self.base) };
+        let loc = if loc.starts_with("http") {
+            loc
+        } else {
+            format!("{}{loc}", self.base)
+        };
         let sep = if loc.contains('?') { '&' } else { '?' };
         let r = self
             .client
@@ -362,7 +400,12 @@ impl Pusher {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 201, "finishing upload: {}", r.text().await.unwrap());
+        assert_eq!(
+            r.status(),
+            201,
+            "finishing upload: {}",
+            r.text().await.unwrap()
+        );
         Desc {
             media_type: media_type.to_string(),
             digest,
@@ -371,7 +414,13 @@ impl Pusher {
     }
 
     /// Puts a manifest under `reference`; returns its descriptor.
-    pub async fn manifest(&self, repo: &str, reference: &str, media_type: &str, body: &serde_json::Value) -> Desc {
+    pub async fn manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &serde_json::Value,
+    ) -> Desc {
         let bytes = serde_json::to_vec(body).unwrap();
         let r = self
             .client
@@ -381,7 +430,12 @@ impl Pusher {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 201, "putting manifest: {}", r.text().await.unwrap());
+        assert_eq!(
+            r.status(),
+            201,
+            "putting manifest: {}",
+            r.text().await.unwrap()
+        );
         Desc {
             media_type: media_type.to_string(),
             digest: sha(&bytes),
@@ -390,7 +444,15 @@ impl Pusher {
     }
 
     /// An OCI/Docker image manifest with `config` and `layers`, tagged `reference`.
-    pub async fn image(&self, repo: &str, reference: &str, media_type: &str, config: &Desc, layers: &[Desc], extra: serde_json::Value) -> Desc {
+    pub async fn image(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        config: &Desc,
+        layers: &[Desc],
+        extra: serde_json::Value,
+    ) -> Desc {
         let mut m = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": media_type,
@@ -424,7 +486,15 @@ pub mod mt {
 pub async fn push_solo(p: &Pusher, repo: &str, tag: &str, module: &[u8]) -> Desc {
     let config = p.blob(repo, mt::SOLO_CONFIG, b"{}").await;
     let layer = p.blob(repo, mt::SOLO_LAYER, module).await;
-    p.image(repo, tag, mt::OCI_MANIFEST, &config, &[layer], serde_json::json!({})).await
+    p.image(
+        repo,
+        tag,
+        mt::OCI_MANIFEST,
+        &config,
+        &[layer],
+        serde_json::json!({}),
+    )
+    .await
 }
 
 /// A running `wasm-cache serve`.
@@ -494,7 +564,11 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_wasm-cache"))
             .arg("serve")
             .arg("--config")
@@ -508,21 +582,32 @@ impl Daemon {
         let sock = self.socket.clone();
         let log = self.log.clone();
         let mut tries = 0;
-        wait_until("the daemon's socket", 400, Duration::from_millis(25), || {
-            tries += 1;
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                panic!("daemon exited with {status}: {}", std::fs::read_to_string(&log).unwrap_or_default());
-            }
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        });
+        wait_until(
+            "the daemon's socket",
+            400,
+            Duration::from_millis(25),
+            || {
+                tries += 1;
+                if let Some(c) = self.child.as_mut()
+                    && let Ok(Some(status)) = c.try_wait()
+                {
+                    panic!(
+                        "daemon exited with {status}: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                std::os::unix::net::UnixStream::connect(&sock).is_ok()
+            },
+        );
     }
 
     /// Stops the daemon with SIGTERM and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             let _ = c.wait();
         }
     }
@@ -540,7 +625,10 @@ impl Daemon {
 
     /// A client for the socket.
     pub fn client(&self) -> reqwest::Client {
-        reqwest::Client::builder().unix_socket(self.socket.clone()).build().unwrap()
+        reqwest::Client::builder()
+            .unix_socket(self.socket.clone())
+            .build()
+            .unwrap()
     }
 
     /// POSTs `/v1/fetch`; returns status and JSON body.
@@ -560,7 +648,12 @@ impl Daemon {
     /// POSTs `/v1/fetch` expecting success; returns the JSON.
     pub async fn fetch_ok(&self, body: serde_json::Value) -> serde_json::Value {
         let (s, v) = self.fetch(body.clone()).await;
-        assert_eq!(s, 200, "fetch {body} answered {v}\nlog:\n{}", self.log_text());
+        assert_eq!(
+            s,
+            200,
+            "fetch {body} answered {v}\nlog:\n{}",
+            self.log_text()
+        );
         v
     }
 
@@ -568,14 +661,27 @@ impl Daemon {
     pub async fn fetch_err(&self, body: serde_json::Value) -> (u16, String) {
         let (s, v) = self.fetch(body.clone()).await;
         assert_ne!(s, 200, "fetch {body} unexpectedly succeeded: {v}");
-        let code = v["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {v}")).to_string();
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        let code = v["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error code in {v}"))
+            .to_string();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
         (s, code)
     }
 
     /// GETs a module path; returns status and bytes.
     pub async fn get(&self, path: &str) -> (u16, Vec<u8>) {
-        let r = self.client().get(format!("http://localhost{path}")).send().await.unwrap();
+        let r = self
+            .client()
+            .get(format!("http://localhost{path}"))
+            .send()
+            .await
+            .unwrap();
         (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
     }
 
@@ -586,7 +692,9 @@ impl Daemon {
 
     /// Module blobs in the cache.
     pub fn blob_count(&self) -> usize {
-        std::fs::read_dir(self.cache_dir.join("blobs").join("sha256")).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(self.cache_dir.join("blobs").join("sha256"))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 }
 
@@ -624,7 +732,10 @@ impl HttpServer {
 
     /// Starts serving `routes` on `bind`.
     pub fn start_on(bind: &str, routes: Vec<(&str, Route)>) -> HttpServer {
-        let routes: HashMap<String, Route> = routes.into_iter().map(|(p, r)| (p.to_string(), r)).collect();
+        let routes: HashMap<String, Route> = routes
+            .into_iter()
+            .map(|(p, r)| (p.to_string(), r))
+            .collect();
         let routes = Arc::new(routes);
         let counts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let listener = TcpListener::bind(bind).unwrap();
@@ -632,7 +743,10 @@ impl HttpServer {
         let addr = listener.local_addr().unwrap();
         let c = Arc::clone(&counts);
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
                 let app = axum::Router::new().fallback(move |req: Request| {
@@ -646,7 +760,9 @@ impl HttpServer {
                             *e += 1;
                             *e
                         };
-                        let resp = |s: u16, b: Vec<u8>| Response::builder().status(s).body(Body::from(b)).unwrap();
+                        let resp = |s: u16, b: Vec<u8>| {
+                            Response::builder().status(s).body(Body::from(b)).unwrap()
+                        };
                         match routes.get(&path) {
                             None => resp(404, b"no such file".to_vec()),
                             Some(Route::Bytes(b)) => resp(200, b.clone()),

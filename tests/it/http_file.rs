@@ -15,7 +15,9 @@ async fn http_plain_gzip_tar_and_tar_gz() {
     ]);
     let d = Daemon::start(DaemonOpts::default());
     for path in ["/plain.wasm", "/m.wasm.gz", "/m.tar", "/m.tar.gz"] {
-        let a = d.fetch_ok(json!({"url": srv.url(path), "sha256": sha(&m)})).await;
+        let a = d
+            .fetch_ok(json!({"url": srv.url(path), "sha256": sha(&m)}))
+            .await;
         assert_eq!(a["digest"], sha(&m), "{path}");
         assert_eq!(a["cache"], "miss", "{path}");
         let (s, bytes) = d.get(a["moduleUrl"].as_str().unwrap()).await;
@@ -26,7 +28,9 @@ async fn http_plain_gzip_tar_and_tar_gz() {
     assert_eq!(a["cache"], "hit");
     assert_eq!(srv.count("/plain.wasm"), 1);
     // Always without a resource version asks again; unchanged content is "revalidated".
-    let a = d.fetch_ok(json!({"url": srv.url("/plain.wasm"), "pullPolicy": "Always"})).await;
+    let a = d
+        .fetch_ok(json!({"url": srv.url("/plain.wasm"), "pullPolicy": "Always"}))
+        .await;
     assert_eq!(a["cache"], "revalidated");
     assert_eq!(srv.count("/plain.wasm"), 2);
 }
@@ -42,10 +46,20 @@ async fn http_5xx_then_success_is_retried_and_404_is_not() {
     let a = d.fetch_ok(json!({"url": srv.url("/flaky.wasm")})).await;
     assert_eq!(a["digest"], sha(&m));
     assert_eq!(srv.count("/flaky.wasm"), 3);
-    assert_eq!(d.fetch_err(json!({"url": srv.url("/missing.wasm")})).await, (404, "not_found".into()));
+    assert_eq!(
+        d.fetch_err(json!({"url": srv.url("/missing.wasm")})).await,
+        (404, "not_found".into())
+    );
     assert_eq!(srv.count("/missing.wasm"), 1, "404 is not retried");
-    assert_eq!(d.fetch_err(json!({"url": srv.url("/broken.wasm")})).await, (502, "upstream_error".into()));
-    assert_eq!(srv.count("/broken.wasm"), 4, "first attempt + 3 retries from the test config");
+    assert_eq!(
+        d.fetch_err(json!({"url": srv.url("/broken.wasm")})).await,
+        (502, "upstream_error".into())
+    );
+    assert_eq!(
+        srv.count("/broken.wasm"),
+        4,
+        "first attempt + 3 retries from the test config"
+    );
 }
 
 #[tokio::test]
@@ -59,16 +73,34 @@ async fn http_size_cap_checksum_and_invalid_module() {
         ("/small.wasm", Route::Bytes(small.clone())),
         ("/text", Route::Bytes(b"<html>not wasm</html>".to_vec())),
     ]);
-    let d = Daemon::start(DaemonOpts { top: "max_module_size = \"32KiB\"".into(), ..Default::default() });
-    assert_eq!(d.fetch_err(json!({"url": srv.url("/big.wasm")})).await, (422, "too_large".into()));
-    assert_eq!(d.fetch_err(json!({"url": srv.url("/big.wasm.gz")})).await, (422, "too_large".into()));
-    assert_eq!(d.fetch_err(json!({"url": srv.url("/text")})).await, (422, "invalid_module".into()));
+    let d = Daemon::start(DaemonOpts {
+        top: "max_module_size = \"32KiB\"".into(),
+        ..Default::default()
+    });
     assert_eq!(
-        d.fetch_err(json!({"url": srv.url("/small.wasm"), "sha256": sha(b"other")})).await,
+        d.fetch_err(json!({"url": srv.url("/big.wasm")})).await,
+        (422, "too_large".into())
+    );
+    assert_eq!(
+        d.fetch_err(json!({"url": srv.url("/big.wasm.gz")})).await,
+        (422, "too_large".into())
+    );
+    assert_eq!(
+        d.fetch_err(json!({"url": srv.url("/text")})).await,
+        (422, "invalid_module".into())
+    );
+    assert_eq!(
+        d.fetch_err(json!({"url": srv.url("/small.wasm"), "sha256": sha(b"other")}))
+            .await,
         (422, "checksum_mismatch".into())
     );
     assert_eq!(d.blob_count(), 0, "nothing rejected is cached");
-    assert_eq!(d.fetch_err(json!({"url": srv.url("/small.wasm"), "pullPolicy": "Never"})).await.1, "not_present");
+    assert_eq!(
+        d.fetch_err(json!({"url": srv.url("/small.wasm"), "pullPolicy": "Never"}))
+            .await
+            .1,
+        "not_present"
+    );
 }
 
 #[tokio::test]
@@ -80,11 +112,25 @@ async fn network_guard_blocks_loopback_and_redirects_into_it() {
         ("/redirect", Route::Redirect(target.url("/m.wasm"))),
     ]);
     // Default guard: loopback is refused, by IP literal and by name.
-    let d = Daemon::start(DaemonOpts { no_loopback_allow: true, ..Default::default() });
-    assert_eq!(d.fetch_err(json!({"url": srv.url("/m.wasm")})).await, (403, "forbidden".into()));
+    let d = Daemon::start(DaemonOpts {
+        no_loopback_allow: true,
+        ..Default::default()
+    });
+    assert_eq!(
+        d.fetch_err(json!({"url": srv.url("/m.wasm")})).await,
+        (403, "forbidden".into())
+    );
     let by_name = format!("http://localhost:{}/m.wasm", srv.addr.port());
-    assert_eq!(d.fetch_err(json!({"url": by_name})).await, (403, "forbidden".into()));
-    assert_eq!(d.fetch_err(json!({"url": "http://169.254.169.254/latest/meta-data"})).await.1, "forbidden");
+    assert_eq!(
+        d.fetch_err(json!({"url": by_name})).await,
+        (403, "forbidden".into())
+    );
+    assert_eq!(
+        d.fetch_err(json!({"url": "http://169.254.169.254/latest/meta-data"}))
+            .await
+            .1,
+        "forbidden"
+    );
     assert_eq!(srv.count("/m.wasm"), 0);
 
     // Only 127.0.0.1 allowed: a redirect to 127.0.0.2 is refused at the redirect.
@@ -93,7 +139,10 @@ async fn network_guard_blocks_loopback_and_redirects_into_it() {
         no_loopback_allow: true,
         ..Default::default()
     });
-    assert_eq!(d.fetch_err(json!({"url": srv.url("/redirect")})).await, (403, "forbidden".into()));
+    assert_eq!(
+        d.fetch_err(json!({"url": srv.url("/redirect")})).await,
+        (403, "forbidden".into())
+    );
     assert_eq!(srv.count("/redirect"), 1);
     assert_eq!(target.count("/m.wasm"), 0);
     d.fetch_ok(json!({"url": srv.url("/m.wasm")})).await;
@@ -112,12 +161,28 @@ async fn file_roots_traversal_and_symlinks() {
     std::os::unix::fs::symlink(&outside, root.join("escape.wasm")).unwrap();
 
     let url = |p: &std::path::Path| format!("file://{}", p.display());
-    let a = d.fetch_ok(json!({"url": url(&root.join("sub/ok.wasm")), "sha256": sha(&m)})).await;
+    let a = d
+        .fetch_ok(json!({"url": url(&root.join("sub/ok.wasm")), "sha256": sha(&m)}))
+        .await;
     assert_eq!(a["digest"], sha(&m));
-    let a = d.fetch_ok(json!({"url": url(&root.join("ok.wasm.gz"))})).await;
+    let a = d
+        .fetch_ok(json!({"url": url(&root.join("ok.wasm.gz"))}))
+        .await;
     assert_eq!(a["digest"], sha(&m));
-    for bad in [url(&outside), format!("file://{}/sub/../../secret.wasm", root.display()), url(&root.join("escape.wasm"))] {
-        assert_eq!(d.fetch_err(json!({"url": bad})).await, (403, "forbidden".into()), "{bad}");
+    for bad in [
+        url(&outside),
+        format!("file://{}/sub/../../secret.wasm", root.display()),
+        url(&root.join("escape.wasm")),
+    ] {
+        assert_eq!(
+            d.fetch_err(json!({"url": bad})).await,
+            (403, "forbidden".into()),
+            "{bad}"
+        );
     }
-    assert_eq!(d.fetch_err(json!({"url": url(&root.join("none.wasm"))})).await, (404, "not_found".into()));
+    assert_eq!(
+        d.fetch_err(json!({"url": url(&root.join("none.wasm"))}))
+            .await,
+        (404, "not_found".into())
+    );
 }

@@ -7,7 +7,11 @@ use crate::harness::*;
 /// Repository names are unique per test so the shared registry keeps tests apart.
 fn setup(repo: &str) -> (&'static CountingProxy, Pusher, String) {
     let (registry, proxy) = shared();
-    (proxy, Pusher::new(&registry.addr), format!("{}/{repo}", proxy.addr))
+    (
+        proxy,
+        Pusher::new(&registry.addr),
+        format!("{}/{repo}", proxy.addr),
+    )
 }
 
 async fn assert_serves(d: &Daemon, answer: &serde_json::Value, module: &[u8]) {
@@ -32,16 +36,30 @@ async fn solo_artifact_then_cache_hit_without_registry_traffic() {
     let before = proxy.repo_count("fmt/solo");
     let a = d.fetch_ok(json!({"url": format!("oci://{base}:v1")})).await;
     assert_eq!(a["cache"], "hit");
-    assert_eq!(proxy.repo_count("fmt/solo"), before, "a hit under IfNotPresent must not reach the registry");
+    assert_eq!(
+        proxy.repo_count("fmt/solo"),
+        before,
+        "a hit under IfNotPresent must not reach the registry"
+    );
 }
 
 #[tokio::test]
 async fn cncf_artifact() {
     let (_, p, base) = setup("fmt/cncf");
     let module = wasm_module("cncf", 10);
-    let config = p.blob("fmt/cncf", mt::CNCF_CONFIG, br#"{"layerDigests":[]}"#).await;
+    let config = p
+        .blob("fmt/cncf", mt::CNCF_CONFIG, br#"{"layerDigests":[]}"#)
+        .await;
     let layer = p.blob("fmt/cncf", mt::CNCF_LAYER, &module).await;
-    p.image("fmt/cncf", "1.0", mt::OCI_MANIFEST, &config, &[layer], json!({"artifactType": "application/vnd.wasm.config.v0+json"})).await;
+    p.image(
+        "fmt/cncf",
+        "1.0",
+        mt::OCI_MANIFEST,
+        &config,
+        &[layer],
+        json!({"artifactType": "application/vnd.wasm.config.v0+json"}),
+    )
+    .await;
     let d = Daemon::start(DaemonOpts::default());
     let a = d.fetch_ok(json!({"url": format!("{base}:1.0")})).await;
     assert_serves(&d, &a, &module).await;
@@ -51,10 +69,36 @@ async fn cncf_artifact() {
 async fn compat_oci_image_with_readme_layer() {
     let (_, p, base) = setup("fmt/compat-oci");
     let module = wasm_module("compat-oci", 10);
-    let config = p.blob("fmt/compat-oci", mt::OCI_CONFIG, br#"{"architecture":"amd64","os":"linux"}"#).await;
-    let readme = p.blob("fmt/compat-oci", "application/vnd.module.wasm.doc.v1+markdown", b"# readme").await;
-    let layer = p.blob("fmt/compat-oci", mt::OCI_TGZ, &tar_gz(&[("runtime-config.json", b"{}"), ("plugin.wasm", &module)])).await;
-    p.image("fmt/compat-oci", "v1", mt::OCI_MANIFEST, &config, &[readme, layer], json!({"annotations": {"module.wasm.image/variant": "compat"}})).await;
+    let config = p
+        .blob(
+            "fmt/compat-oci",
+            mt::OCI_CONFIG,
+            br#"{"architecture":"amd64","os":"linux"}"#,
+        )
+        .await;
+    let readme = p
+        .blob(
+            "fmt/compat-oci",
+            "application/vnd.module.wasm.doc.v1+markdown",
+            b"# readme",
+        )
+        .await;
+    let layer = p
+        .blob(
+            "fmt/compat-oci",
+            mt::OCI_TGZ,
+            &tar_gz(&[("runtime-config.json", b"{}"), ("plugin.wasm", &module)]),
+        )
+        .await;
+    p.image(
+        "fmt/compat-oci",
+        "v1",
+        mt::OCI_MANIFEST,
+        &config,
+        &[readme, layer],
+        json!({"annotations": {"module.wasm.image/variant": "compat"}}),
+    )
+    .await;
     let d = Daemon::start(DaemonOpts::default());
     let a = d.fetch_ok(json!({"url": format!("oci://{base}:v1")})).await;
     assert_serves(&d, &a, &module).await;
@@ -64,21 +108,48 @@ async fn compat_oci_image_with_readme_layer() {
 async fn compat_docker_v2_image_and_manifest_list() {
     let (_, p, base) = setup("fmt/compat-docker");
     let module = wasm_module("compat-docker", 10);
-    let config = p.blob("fmt/compat-docker", mt::DOCKER_CONFIG, br#"{"architecture":"amd64","os":"linux"}"#).await;
-    let layer = p.blob("fmt/compat-docker", mt::DOCKER_TGZ, &tar_gz(&[("plugin.wasm", &module)])).await;
-    let m = p.image("fmt/compat-docker", "v2", mt::DOCKER_MANIFEST, &config, &[layer], json!({})).await;
+    let config = p
+        .blob(
+            "fmt/compat-docker",
+            mt::DOCKER_CONFIG,
+            br#"{"architecture":"amd64","os":"linux"}"#,
+        )
+        .await;
+    let layer = p
+        .blob(
+            "fmt/compat-docker",
+            mt::DOCKER_TGZ,
+            &tar_gz(&[("plugin.wasm", &module)]),
+        )
+        .await;
+    let m = p
+        .image(
+            "fmt/compat-docker",
+            "v2",
+            mt::DOCKER_MANIFEST,
+            &config,
+            &[layer],
+            json!({}),
+        )
+        .await;
     let list = json!({
         "schemaVersion": 2,
         "mediaType": mt::DOCKER_LIST,
         "manifests": [{"mediaType": m.media_type, "digest": m.digest, "size": m.size, "platform": {"architecture": "amd64", "os": "linux"}}],
     });
-    let l = p.manifest("fmt/compat-docker", "list", mt::DOCKER_LIST, &list).await;
+    let l = p
+        .manifest("fmt/compat-docker", "list", mt::DOCKER_LIST, &list)
+        .await;
     let d = Daemon::start(DaemonOpts::default());
     // The Docker v2 manifest keeps its digest (no schema1 conversion).
-    let a = d.fetch_ok(json!({"url": format!("{base}:v2"), "sha256": m.digest})).await;
+    let a = d
+        .fetch_ok(json!({"url": format!("{base}:v2"), "sha256": m.digest}))
+        .await;
     assert_eq!(a["imageDigest"], m.digest);
     assert_serves(&d, &a, &module).await;
-    let a = d.fetch_ok(json!({"url": format!("{base}:list"), "sha256": l.digest})).await;
+    let a = d
+        .fetch_ok(json!({"url": format!("{base}:list"), "sha256": l.digest}))
+        .await;
     assert_eq!(a["imageDigest"], m.digest);
     assert_serves(&d, &a, &module).await;
 }
@@ -90,8 +161,23 @@ async fn index_picks_the_wasm_platform_and_skips_attestations() {
     let other = wasm_module("index-amd64", 10);
     let solo = push_solo(&p, "fmt/index", "wasm-only", &wasm).await;
     let config = p.blob("fmt/index", mt::OCI_CONFIG, b"{}").await;
-    let layer = p.blob("fmt/index", mt::OCI_TGZ, &tar_gz(&[("plugin.wasm", &other)])).await;
-    let amd = p.image("fmt/index", "amd-only", mt::OCI_MANIFEST, &config, &[layer], json!({})).await;
+    let layer = p
+        .blob(
+            "fmt/index",
+            mt::OCI_TGZ,
+            &tar_gz(&[("plugin.wasm", &other)]),
+        )
+        .await;
+    let amd = p
+        .image(
+            "fmt/index",
+            "amd-only",
+            mt::OCI_MANIFEST,
+            &config,
+            &[layer],
+            json!({}),
+        )
+        .await;
     let index = json!({
         "schemaVersion": 2,
         "mediaType": mt::OCI_INDEX,
@@ -102,13 +188,17 @@ async fn index_picks_the_wasm_platform_and_skips_attestations() {
             {"mediaType": mt::OCI_MANIFEST, "digest": solo.digest, "size": solo.size, "platform": {"architecture": "wasm", "os": "wasip1"}},
         ],
     });
-    let idx = p.manifest("fmt/index", "multi", mt::OCI_INDEX, &index).await;
+    let idx = p
+        .manifest("fmt/index", "multi", mt::OCI_INDEX, &index)
+        .await;
     let d = Daemon::start(DaemonOpts::default());
     let a = d.fetch_ok(json!({"url": format!("{base}:multi")})).await;
     assert_eq!(a["imageDigest"], solo.digest);
     assert_serves(&d, &a, &wasm).await;
     // The index digest is an accepted sha256, and so is a pin by index digest.
-    let a = d.fetch_ok(json!({"url": format!("{base}@{}", idx.digest), "sha256": idx.digest})).await;
+    let a = d
+        .fetch_ok(json!({"url": format!("{base}@{}", idx.digest), "sha256": idx.digest}))
+        .await;
     assert_serves(&d, &a, &wasm).await;
 }
 
@@ -126,9 +216,14 @@ async fn untagged_means_latest_and_defaults_to_always() {
     // registry (one HEAD), but downloads nothing when the tag did not move.
     let blobs = proxy.count("GET /v2/policy/latest/blobs/");
     let heads = proxy.count("HEAD /v2/policy/latest/manifests/latest");
-    let a = d.fetch_ok(json!({"url": format!("oci://{base}:latest")})).await;
+    let a = d
+        .fetch_ok(json!({"url": format!("oci://{base}:latest")}))
+        .await;
     assert_eq!(a["cache"], "revalidated");
-    assert_eq!(proxy.count("HEAD /v2/policy/latest/manifests/latest"), heads + 1);
+    assert_eq!(
+        proxy.count("HEAD /v2/policy/latest/manifests/latest"),
+        heads + 1
+    );
     assert_eq!(proxy.count("GET /v2/policy/latest/blobs/"), blobs);
 
     // The tag moves: the next request downloads the new module.
@@ -150,7 +245,11 @@ async fn always_reresolves_once_per_resource_version() {
     assert_eq!(d.fetch_ok(req("1")).await["cache"], "miss");
     let all = proxy.repo_count("policy/always");
     assert_eq!(d.fetch_ok(req("1")).await["cache"], "hit");
-    assert_eq!(proxy.repo_count("policy/always"), all, "same resource version: no registry traffic");
+    assert_eq!(
+        proxy.repo_count("policy/always"),
+        all,
+        "same resource version: no registry traffic"
+    );
 
     let heads = proxy.count("HEAD /v2/policy/always/manifests/");
     let blobs = proxy.count("GET /v2/policy/always/blobs/");
@@ -160,7 +259,11 @@ async fn always_reresolves_once_per_resource_version() {
 
     let v2 = wasm_module("always-2", 10);
     push_solo(&p, "policy/always", "v", &v2).await;
-    assert_eq!(d.fetch_ok(req("2")).await["cache"], "hit", "version 2 was resolved already");
+    assert_eq!(
+        d.fetch_ok(req("2")).await["cache"],
+        "hit",
+        "version 2 was resolved already"
+    );
     let a = d.fetch_ok(req("3")).await;
     assert_eq!(a["cache"], "miss");
     assert_serves(&d, &a, &v2).await;
@@ -174,9 +277,18 @@ async fn never_serves_only_from_cache() {
     let d = Daemon::start(DaemonOpts::default());
     let url = format!("{base}:v1");
     let before = proxy.repo_count("policy/never");
-    assert_eq!(d.fetch_err(json!({"url": url, "pullPolicy": "Never"})).await, (404, "not_present".into()));
-    assert_eq!(proxy.repo_count("policy/never"), before, "Never must not reach the registry");
-    d.fetch_ok(json!({"url": url, "pullPolicy": "IfNotPresent"})).await;
+    assert_eq!(
+        d.fetch_err(json!({"url": url, "pullPolicy": "Never"}))
+            .await,
+        (404, "not_present".into())
+    );
+    assert_eq!(
+        proxy.repo_count("policy/never"),
+        before,
+        "Never must not reach the registry"
+    );
+    d.fetch_ok(json!({"url": url, "pullPolicy": "IfNotPresent"}))
+        .await;
     let a = d.fetch_ok(json!({"url": url, "pullPolicy": "Never"})).await;
     assert_eq!(a["cache"], "hit");
 }
@@ -190,20 +302,33 @@ async fn checksum_match_and_mismatch() {
     let url = format!("{base}:v1");
 
     let wrong = sha(b"something else");
-    assert_eq!(d.fetch_err(json!({"url": url, "sha256": wrong})).await, (422, "checksum_mismatch".into()));
+    assert_eq!(
+        d.fetch_err(json!({"url": url, "sha256": wrong})).await,
+        (422, "checksum_mismatch".into())
+    );
     assert_eq!(d.blob_count(), 0, "nothing is cached after a mismatch");
-    assert_eq!(d.fetch_err(json!({"url": url, "pullPolicy": "Never"})).await.1, "not_present");
+    assert_eq!(
+        d.fetch_err(json!({"url": url, "pullPolicy": "Never"}))
+            .await
+            .1,
+        "not_present"
+    );
 
     // The module digest (any case, with or without prefix) and the manifest digest both match.
     let bare = sha(&m).trim_start_matches("sha256:").to_uppercase();
     let a = d.fetch_ok(json!({"url": url, "sha256": bare})).await;
     assert_eq!(a["cache"], "miss");
-    let a = d.fetch_ok(json!({"url": url, "sha256": manifest.digest})).await;
+    let a = d
+        .fetch_ok(json!({"url": url, "sha256": manifest.digest}))
+        .await;
     assert_eq!(a["cache"], "hit");
 
     // Pinned url and a contradicting sha256.
     let pinned = format!("{base}@{}", manifest.digest);
-    assert_eq!(d.fetch_err(json!({"url": pinned, "sha256": wrong})).await.1, "checksum_mismatch");
+    assert_eq!(
+        d.fetch_err(json!({"url": pinned, "sha256": wrong})).await.1,
+        "checksum_mismatch"
+    );
 }
 
 #[tokio::test]
@@ -215,9 +340,17 @@ async fn digest_pinned_url_is_a_hit_whatever_the_policy() {
     let url = format!("oci://{base}@{}", manifest.digest);
     assert_eq!(d.fetch_ok(json!({"url": url})).await["cache"], "miss");
     let before = proxy.repo_count("digest/pinned");
-    assert_eq!(d.fetch_ok(json!({"url": url, "pullPolicy": "Always"})).await["cache"], "hit");
+    assert_eq!(
+        d.fetch_ok(json!({"url": url, "pullPolicy": "Always"}))
+            .await["cache"],
+        "hit"
+    );
     // The sha256 field names content this source already gave: a hit, also under a tag.
-    let a = d.fetch_ok(json!({"url": format!("{base}:latest"), "pullPolicy": "Always", "sha256": sha(&m)})).await;
+    let a = d
+        .fetch_ok(
+            json!({"url": format!("{base}:latest"), "pullPolicy": "Always", "sha256": sha(&m)}),
+        )
+        .await;
     assert_eq!(a["cache"], "hit");
     assert_eq!(proxy.repo_count("digest/pinned"), before);
 }
@@ -233,7 +366,9 @@ async fn cached_bytes_are_not_handed_to_another_source_by_digest() {
     let other = format!("{}/tenancy/other:v1", proxy.addr);
     let (status, code) = d.fetch_err(json!({"url": other, "sha256": sha(&m)})).await;
     assert_eq!((status, code.as_str()), (404, "not_found"));
-    let (status, code) = d.fetch_err(json!({"url": other, "sha256": sha(&m), "pullPolicy": "Never"})).await;
+    let (status, code) = d
+        .fetch_err(json!({"url": other, "sha256": sha(&m), "pullPolicy": "Never"}))
+        .await;
     assert_eq!((status, code.as_str()), (404, "not_present"));
 }
 
@@ -249,16 +384,28 @@ async fn parallel_identical_requests_download_once() {
         let c = client.clone();
         let url = format!("{base}:v1");
         tasks.push(tokio::spawn(async move {
-            let r = c.post("http://localhost/v1/fetch").json(&json!({"url": url})).send().await.unwrap();
+            let r = c
+                .post("http://localhost/v1/fetch")
+                .json(&json!({"url": url}))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 200);
-            r.json::<serde_json::Value>().await.unwrap()["digest"].as_str().unwrap().to_string()
+            r.json::<serde_json::Value>().await.unwrap()["digest"]
+                .as_str()
+                .unwrap()
+                .to_string()
         }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), sha(&m));
     }
     let layer = sha(&m);
-    assert_eq!(proxy.count(&format!("GET /v2/singleflight/many/blobs/{layer}")), 1, "200 requests, one download");
+    assert_eq!(
+        proxy.count(&format!("GET /v2/singleflight/many/blobs/{layer}")),
+        1,
+        "200 requests, one download"
+    );
 }
 
 #[tokio::test]
@@ -266,14 +413,37 @@ async fn invalid_module_and_missing_image() {
     let (_, p, base) = setup("bad/module");
     push_solo(&p, "bad/module", "v1", b"\0asm\x01\0\0\0\x01\x05garbage").await;
     let d = Daemon::start(DaemonOpts::default());
-    assert_eq!(d.fetch_err(json!({"url": format!("{base}:v1")})).await, (422, "invalid_module".into()));
+    assert_eq!(
+        d.fetch_err(json!({"url": format!("{base}:v1")})).await,
+        (422, "invalid_module".into())
+    );
     assert_eq!(d.blob_count(), 0);
-    assert_eq!(d.fetch_err(json!({"url": format!("{base}:nope")})).await, (404, "not_found".into()));
+    assert_eq!(
+        d.fetch_err(json!({"url": format!("{base}:nope")})).await,
+        (404, "not_found".into())
+    );
     // An ordinary image with no Wasm in it.
     let config = p.blob("bad/module", mt::OCI_CONFIG, b"{}").await;
-    let layer = p.blob("bad/module", "application/vnd.oci.image.layer.v1.tar", &tar(&[("x", b"y")])).await;
-    p.image("bad/module", "plain", mt::OCI_MANIFEST, &config, &[layer], json!({})).await;
-    assert_eq!(d.fetch_err(json!({"url": format!("{base}:plain")})).await.1, "invalid_module");
+    let layer = p
+        .blob(
+            "bad/module",
+            "application/vnd.oci.image.layer.v1.tar",
+            &tar(&[("x", b"y")]),
+        )
+        .await;
+    p.image(
+        "bad/module",
+        "plain",
+        mt::OCI_MANIFEST,
+        &config,
+        &[layer],
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        d.fetch_err(json!({"url": format!("{base}:plain")})).await.1,
+        "invalid_module"
+    );
 }
 
 #[tokio::test]
@@ -283,11 +453,30 @@ async fn module_size_cap_is_an_error() {
     push_solo(&p, "cap/oci", "raw", &big).await;
     let config = p.blob("cap/oci", mt::OCI_CONFIG, b"{}").await;
     // Compresses well below the cap, but the module inside is larger.
-    let layer = p.blob("cap/oci", mt::OCI_TGZ, &tar_gz(&[("plugin.wasm", &big)])).await;
-    p.image("cap/oci", "tgz", mt::OCI_MANIFEST, &config, &[layer], json!({})).await;
-    let d = Daemon::start(DaemonOpts { top: "max_module_size = \"32KiB\"".into(), ..Default::default() });
-    assert_eq!(d.fetch_err(json!({"url": format!("{base}:raw")})).await, (422, "too_large".into()));
-    assert_eq!(d.fetch_err(json!({"url": format!("{base}:tgz")})).await, (422, "too_large".into()));
+    let layer = p
+        .blob("cap/oci", mt::OCI_TGZ, &tar_gz(&[("plugin.wasm", &big)]))
+        .await;
+    p.image(
+        "cap/oci",
+        "tgz",
+        mt::OCI_MANIFEST,
+        &config,
+        &[layer],
+        json!({}),
+    )
+    .await;
+    let d = Daemon::start(DaemonOpts {
+        top: "max_module_size = \"32KiB\"".into(),
+        ..Default::default()
+    });
+    assert_eq!(
+        d.fetch_err(json!({"url": format!("{base}:raw")})).await,
+        (422, "too_large".into())
+    );
+    assert_eq!(
+        d.fetch_err(json!({"url": format!("{base}:tgz")})).await,
+        (422, "too_large".into())
+    );
     assert_eq!(d.blob_count(), 0);
 }
 
@@ -306,7 +495,9 @@ async fn restart_serves_hits_with_the_registry_stopped() {
     assert_eq!(a["cache"], "hit");
     assert_serves(&d, &a, &m).await;
     // Anything needing the registry now fails fast with a clear code.
-    let (status, code) = d.fetch_err(json!({"url": url, "pullPolicy": "Always"})).await;
+    let (status, code) = d
+        .fetch_err(json!({"url": url, "pullPolicy": "Always"}))
+        .await;
     assert_eq!((status, code.as_str()), (502, "upstream_error"));
 }
 
@@ -319,17 +510,37 @@ async fn registry_5xx_is_retried() {
     let d = Daemon::start(DaemonOpts::default());
     let a = d.fetch_ok(json!({"url": format!("{base}:v1")})).await;
     assert_serves(&d, &a, &m).await;
-    assert_eq!(proxy.count(&format!("GET /v2/retry/oci/blobs/{}", sha(&m))), 3);
+    assert_eq!(
+        proxy.count(&format!("GET /v2/retry/oci/blobs/{}", sha(&m))),
+        3
+    );
 }
 
 #[tokio::test]
 async fn network_guard_refuses_loopback_registries_by_default() {
     let (proxy, p, _) = setup("guard/oci");
     push_solo(&p, "guard/oci", "v1", &wasm_module("guard", 1)).await;
-    let d = Daemon::start(DaemonOpts { no_loopback_allow: true, ..Default::default() });
+    let d = Daemon::start(DaemonOpts {
+        no_loopback_allow: true,
+        ..Default::default()
+    });
     let before = proxy.repo_count("guard/oci");
-    for url in [format!("{}/guard/oci:v1", proxy.addr), format!("localhost:{}/guard/oci:v1", proxy.addr.rsplit(':').next().unwrap())] {
-        assert_eq!(d.fetch_err(json!({"url": url})).await, (403, "forbidden".into()), "{url}");
+    for url in [
+        format!("{}/guard/oci:v1", proxy.addr),
+        format!(
+            "localhost:{}/guard/oci:v1",
+            proxy.addr.rsplit(':').next().unwrap()
+        ),
+    ] {
+        assert_eq!(
+            d.fetch_err(json!({"url": url})).await,
+            (403, "forbidden".into()),
+            "{url}"
+        );
     }
-    assert_eq!(proxy.repo_count("guard/oci"), before, "nothing reached the registry");
+    assert_eq!(
+        proxy.repo_count("guard/oci"),
+        before,
+        "nothing reached the registry"
+    );
 }
