@@ -97,8 +97,8 @@ pub struct Config {
     pub max_module_size: u64,
     /// Timeouts and retries of upstream fetches.
     pub fetch: FetchSettings,
-    /// Registries allowed over plain HTTP / unverified TLS, as `host[:port]`.
-    pub insecure_registries: Vec<String>,
+    /// Registries allowed over plain HTTP / unverified TLS: `host[:port]` names and IP ranges.
+    pub insecure_registries: InsecureRegistries,
     /// PEM bytes of extra trusted roots, read once at start.
     pub ca_pems: Vec<(PathBuf, Vec<u8>)>,
     /// Canonicalised roots `file://` urls may read from.
@@ -107,6 +107,34 @@ pub struct Config {
     pub allow_cidrs: Vec<IpNet>,
     /// Ranges the network guard refuses in addition to its defaults.
     pub deny_cidrs: Vec<IpNet>,
+}
+
+/// Registries marked `insecure`, by name or by address range (as Docker's
+/// `insecure-registries`).
+#[derive(Debug, Clone, Default)]
+pub struct InsecureRegistries {
+    /// `host[:port]`, lowercase.
+    pub hosts: Vec<String>,
+    /// IP ranges; a registry whose host is an IP literal in one of them matches.
+    pub ranges: Vec<IpNet>,
+}
+
+impl InsecureRegistries {
+    /// True when `registry` (`host[:port]` as in a reference) is marked insecure.
+    pub fn matches(&self, registry: &str) -> bool {
+        if self.hosts.iter().any(|h| h == registry) {
+            return true;
+        }
+        let host = match registry.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => registry,
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.hosts.iter().any(|h| h == host)
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| self.ranges.iter().any(|n| n.contains(&ip)))
+    }
 }
 
 /// Timeouts and retries for upstream requests.
@@ -318,13 +346,17 @@ impl RawConfig {
                 .map_err(|e| invalid("file.allowed_roots", format!("{}: {e}", root.display())))?;
             file_roots.push(canon);
         }
-        let mut insecure_registries: Vec<String> = self
-            .registries
-            .iter()
-            .filter(|(_, r)| r.insecure)
-            .map(|(h, _)| h.to_ascii_lowercase())
-            .collect();
-        insecure_registries.sort();
+        let mut insecure_registries = InsecureRegistries::default();
+        for (key, r) in &self.registries {
+            if !r.insecure {
+                continue;
+            }
+            match key.parse::<IpNet>() {
+                Ok(net) => insecure_registries.ranges.push(net),
+                Err(_) => insecure_registries.hosts.push(key.to_ascii_lowercase()),
+            }
+        }
+        insecure_registries.hosts.sort();
         Ok(Config {
             socket: self.socket.unwrap_or(default_socket),
             socket_mode,
@@ -370,6 +402,10 @@ mod tests {
             retries = 1
             [registries."LocalHost:5000"]
             insecure = true
+            [registries."127.0.0.0/8"]
+            insecure = true
+            [registries."secure.example.com"]
+            insecure = false
             [file]
             allowed_roots = ["/tmp"]
             [network]
@@ -380,7 +416,9 @@ mod tests {
         assert_eq!(c.socket_mode, 0o600);
         assert_eq!(c.max_module_size, 2 << 20);
         assert_eq!(c.fetch.retries, 1);
-        assert_eq!(c.insecure_registries, vec!["localhost:5000".to_string()]);
+        let i = &c.insecure_registries;
+        assert!(i.matches("localhost:5000") && i.matches("127.0.0.9:80"));
+        assert!(!i.matches("localhost:5001") && !i.matches("secure.example.com"));
         assert_eq!(c.allow_cidrs.len(), 1);
     }
 

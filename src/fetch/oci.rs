@@ -121,7 +121,7 @@ pub struct OciFetcher {
     /// Client for registries marked `insecure` (unverified TLS).
     insecure: Client,
     /// Registries allowed over plain HTTP.
-    insecure_hosts: Vec<String>,
+    insecure_registries: crate::config::InsecureRegistries,
     /// Remembers which scheme an insecure registry answered on.
     schemes: Mutex<HashMap<String, &'static str>>,
     /// Checks token realms and IP-literal registries.
@@ -151,7 +151,7 @@ impl OciFetcher {
         OciFetcher {
             secure,
             insecure,
-            insecure_hosts: config.insecure_registries.clone(),
+            insecure_registries: config.insecure_registries.clone(),
             schemes: Mutex::new(HashMap::new()),
             guard,
             settings: config.fetch.clone(),
@@ -162,12 +162,7 @@ impl OciFetcher {
 
     async fn session(&self, r: &OciRef) -> Result<Session<'_>> {
         let host = r.api_host().to_string();
-        // Like Docker, registries on loopback may use plain HTTP without configuration.
-        let insecure = is_loopback_host(&host)
-            || self
-                .insecure_hosts
-                .iter()
-                .any(|h| *h == r.registry || *h == host);
+        let insecure = self.insecure_registries.matches(&r.registry);
         let scheme = if insecure {
             self.probe_scheme(&host).await
         } else {
@@ -649,19 +644,6 @@ impl OciFetcher {
         })?;
         Ok(body.token.or(body.access_token))
     }
-}
-
-/// True for `localhost`, `127.x.x.x` and `[::1]`, with or without a port.
-fn is_loopback_host(host_port: &str) -> bool {
-    let host = match host_port.rsplit_once(':') {
-        Some((h, port)) if !h.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host_port,
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn too_large(size: u64, max: u64) -> Error {

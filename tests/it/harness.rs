@@ -14,6 +14,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
 
 /// sha256 as `sha256:<hex>`.
@@ -72,6 +73,46 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
     e.finish().unwrap()
 }
 
+/// A test CA and a server certificate for 127.0.0.1 / localhost, made once per test binary
+/// with the openssl command.
+pub struct Pki {
+    /// Holds the files.
+    _dir: tempfile::TempDir,
+    /// CA certificate (PEM).
+    pub ca_cert: PathBuf,
+    /// Server certificate signed by the CA.
+    pub server_cert: PathBuf,
+    /// Server key.
+    pub server_key: PathBuf,
+}
+
+/// The test PKI (see [`Pki`]).
+pub fn pki() -> &'static Pki {
+    static PKI: OnceLock<Pki> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(dir.path()).output().expect("openssl is installed");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        std::fs::write(
+            p("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "3", "-subj", "/CN=wasm-cache test CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+        run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+        run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "3", "-extfile", "server.ext"]);
+        Pki {
+            ca_cert: p("ca.pem"),
+            server_cert: p("server.pem"),
+            server_key: p("server.key"),
+            _dir: dir,
+        }
+    })
+}
+
 /// A free port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -102,21 +143,53 @@ pub struct Registry {
     _dir: tempfile::TempDir,
 }
 
+/// How a test registry is set up.
+#[derive(Default, Clone)]
+pub struct RegistryOpts {
+    /// Serve TLS with a certificate of the test CA (see [`pki`]).
+    pub tls: bool,
+    /// htpasswd Basic auth with these users and passwords.
+    pub basic_users: Vec<(String, String)>,
+}
+
 impl Registry {
-    /// Starts an anonymous registry on a free loopback port.
+    /// Starts an anonymous plain-HTTP registry on a free loopback port.
     pub fn start() -> Registry {
+        Self::start_with(RegistryOpts::default())
+    }
+
+    /// Starts a registry set up as `opts` says.
+    pub fn start_with(opts: RegistryOpts) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if opts.tls {
+            let pki = pki();
+            yaml.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                pki.server_cert.display(),
+                pki.server_key.display()
+            ));
+        }
+        if !opts.basic_users.is_empty() {
+            let htpasswd = dir.path().join("htpasswd");
+            let lines: String = opts
+                .basic_users
+                .iter()
+                .map(|(u, p)| format!("{u}:{}\n", bcrypt::hash(p, 4).unwrap()))
+                .collect();
+            std::fs::write(&htpasswd, lines).unwrap();
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: wasm-cache-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&config, yaml).unwrap();
         let bin = which("docker-registry");
         // The wrapper stops the registry when this test process goes away (stdin closes),
         // even if it dies without running destructors.
@@ -129,12 +202,24 @@ impl Registry {
             .stdin(Stdio::piped())
             .spawn()
             .expect("starting docker-registry");
+        // Any HTTP answer means it listens (a TLS registry answers plain HTTP with 400, an
+        // authenticating one with 401).
         let url = format!("http://{addr}/v2/");
+        let log = dir.path().join("registry.log");
+        let mut tries = 0;
         wait_until(
             "docker-registry to listen",
             400,
             Duration::from_millis(25),
-            || blocking_get(&url).is_some_and(|s| s == 200),
+            || {
+                tries += 1;
+                assert!(
+                    tries < 400,
+                    "docker-registry did not start: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                blocking_get(&url).is_some()
+            },
         );
         Registry {
             addr,
@@ -360,18 +445,48 @@ impl Desc {
 
 /// Pushes to a registry through its HTTP API.
 pub struct Pusher {
-    /// `http://127.0.0.1:port`.
+    /// `http://127.0.0.1:port` (or https).
     base: String,
     /// HTTP client.
     client: reqwest::Client,
+    /// Basic credentials, for registries with htpasswd auth.
+    basic: Option<(String, String)>,
 }
 
 impl Pusher {
-    /// A pusher for `addr`.
+    /// A pusher for a plain-HTTP anonymous registry at `addr`.
     pub fn new(addr: &str) -> Pusher {
         Pusher {
             base: format!("http://{addr}"),
             client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            basic: None,
+        }
+    }
+
+    /// A pusher for `registry` as set up by `opts` (TLS trusting the test CA, Basic auth with
+    /// the first user).
+    pub fn for_registry(registry: &Registry, opts: &RegistryOpts) -> Pusher {
+        let mut b = reqwest::Client::builder().no_proxy();
+        let scheme = if opts.tls {
+            let ca =
+                reqwest::Certificate::from_pem(&std::fs::read(&pki().ca_cert).unwrap()).unwrap();
+            b = b.tls_certs_merge([ca]);
+            "https"
+        } else {
+            "http"
+        };
+        Pusher {
+            base: format!("{scheme}://{}", registry.addr),
+            client: b.build().unwrap(),
+            basic: opts.basic_users.first().cloned(),
+        }
+    }
+
+    fn req(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        let r = self.client.request(method, url);
+        match &self.basic {
+            Some((u, p)) => r.basic_auth(u, Some(p)),
+            None => r,
         }
     }
 
@@ -379,8 +494,10 @@ impl Pusher {
     pub async fn blob(&self, repo: &str, media_type: &str, data: &[u8]) -> Desc {
         let digest = sha(data);
         let r = self
-            .client
-            .post(format!("{}/v2/{repo}/blobs/uploads/", self.base))
+            .req(
+                reqwest::Method::POST,
+                format!("{}/v2/{repo}/blobs/uploads/", self.base),
+            )
             .send()
             .await
             .unwrap();
@@ -393,8 +510,7 @@ impl Pusher {
         };
         let sep = if loc.contains('?') { '&' } else { '?' };
         let r = self
-            .client
-            .put(format!("{loc}{sep}digest={digest}"))
+            .req(reqwest::Method::PUT, format!("{loc}{sep}digest={digest}"))
             .header("content-type", "application/octet-stream")
             .body(data.to_vec())
             .send()
@@ -423,8 +539,10 @@ impl Pusher {
     ) -> Desc {
         let bytes = serde_json::to_vec(body).unwrap();
         let r = self
-            .client
-            .put(format!("{}/v2/{repo}/manifests/{reference}", self.base))
+            .req(
+                reqwest::Method::PUT,
+                format!("{}/v2/{repo}/manifests/{reference}", self.base),
+            )
             .header("content-type", media_type)
             .body(bytes.clone())
             .send()
@@ -522,6 +640,10 @@ pub struct DaemonOpts {
     pub tables: String,
     /// Leave `[network] allow_cidrs` out (the guard's defaults apply).
     pub no_loopback_allow: bool,
+    /// Leave out `[registries."127.0.0.0/8"] insecure = true` (registries need verified TLS).
+    pub secure_registries: bool,
+    /// Replaces the test default `[fetch]` table (5s requests, 3 fast retries).
+    pub fetch: Option<String>,
 }
 
 impl Daemon {
@@ -542,10 +664,18 @@ impl Daemon {
         } else {
             "[network]\nallow_cidrs = [\"127.0.0.0/8\"]\n".to_string()
         };
+        let fetch = opts.fetch.clone().unwrap_or_else(|| {
+            "[fetch]\nrequest_timeout = \"5s\"\ntotal_timeout = \"30s\"\nretries = 3\nbackoff_min = \"10ms\"\nbackoff_max = \"50ms\"\n".to_string()
+        });
+        let registries = if opts.secure_registries {
+            ""
+        } else {
+            "[registries.\"127.0.0.0/8\"]\ninsecure = true\n"
+        };
         std::fs::write(
             &config,
             format!(
-                "socket = {socket:?}\ncache_dir = {cache_dir:?}\n{}\n[fetch]\nrequest_timeout = \"5s\"\ntotal_timeout = \"30s\"\nretries = 3\nbackoff_min = \"10ms\"\nbackoff_max = \"50ms\"\n\n[file]\nallowed_roots = [{files:?}]\n\n{network}\n{}\n",
+                "socket = {socket:?}\ncache_dir = {cache_dir:?}\n{}\n{fetch}\n[file]\nallowed_roots = [{files:?}]\n\n{network}\n{registries}\n{}\n",
                 opts.top, opts.tables
             ),
         )
@@ -610,6 +740,20 @@ impl Daemon {
                 .status();
             let _ = c.wait();
         }
+    }
+
+    /// Kills the daemon with SIGKILL (a crash: no cleanup runs).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the daemon again after [`Daemon::stop`] or [`Daemon::kill`].
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the daemon is still running");
+        self.spawn();
     }
 
     /// Stops and starts again on the same config and cache.
@@ -722,6 +866,8 @@ pub enum Route {
     FailFirst(usize, u16, Vec<u8>),
     /// 302 to this url.
     Redirect(String),
+    /// 200 with a declared length, `n` bytes of body, then silence (the connection stays open).
+    Stall(usize),
 }
 
 impl HttpServer {
@@ -771,6 +917,18 @@ impl HttpServer {
                                 resp(*s, b"try again".to_vec())
                             }
                             Some(Route::FailFirst(_, _, b)) => resp(200, b.clone()),
+                            Some(Route::Stall(n)) => {
+                                let first = vec![0u8; *n];
+                                let stream = futures_util::stream::once(async move {
+                                    Ok::<_, std::io::Error>(axum::body::Bytes::from(first))
+                                })
+                                .chain(futures_util::stream::pending());
+                                Response::builder()
+                                    .status(200)
+                                    .header("content-length", (n * 4).to_string())
+                                    .body(Body::from_stream(stream))
+                                    .unwrap()
+                            }
                             Some(Route::Redirect(to)) => Response::builder()
                                 .status(302)
                                 .header("location", to)

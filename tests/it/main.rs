@@ -6,3 +6,4 @@ mod harness;
 mod api;
 mod http_file;
 mod oci;
+mod registry_access;
