@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::OnceCell;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
@@ -52,7 +52,7 @@ pub struct Outcome {
 }
 
 /// One upstream operation that concurrent identical requests wait on.
-type Flight = Arc<OnceCell<Result<Outcome>>>;
+type Flight = Shared<BoxFuture<'static, Result<Outcome>>>;
 
 /// The service; cheap to clone (shared state behind `Arc`s).
 #[derive(Debug, Clone)]
@@ -171,7 +171,9 @@ impl Service {
         (action, record)
     }
 
-    /// Goes upstream once for all concurrent identical requests.
+    /// Goes upstream once for all concurrent identical requests. The work runs in its own
+    /// task, so callers that hang up never cancel a download others wait on; the task
+    /// removes its flight when done.
     async fn upstream(&self, req: FetchRequest, policy: Effective) -> Result<Outcome> {
         let key = format!(
             "{}|{}",
@@ -180,25 +182,31 @@ impl Service {
         );
         let flight = {
             let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(flights.entry(key.clone()).or_default())
+            let this = self.clone();
+            let k = key.clone();
+            flights
+                .entry(key)
+                .or_insert_with(move || {
+                    // Spawned while the map is locked: the task cannot remove its entry
+                    // before it is inserted.
+                    let task = tokio::spawn(async move {
+                        let result = this.lead(req, policy).await;
+                        this.flights
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&k);
+                        result
+                    });
+                    async move {
+                        task.await
+                            .unwrap_or_else(|e| Err(Error::internal("fetch task", e)))
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
         };
-        let this = self.clone();
-        let result = flight
-            .get_or_init(|| async move {
-                // Spawned so a caller that hangs up does not cancel the download others
-                // wait on.
-                match tokio::spawn(async move { this.lead(req, policy).await }).await {
-                    Ok(r) => r,
-                    Err(e) => Err(Error::internal("fetch task", e)),
-                }
-            })
-            .await
-            .clone();
-        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if flights.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-            flights.remove(&key);
-        }
-        result
+        flight.await
     }
 
     /// The work of a flight's leader.
@@ -254,12 +262,10 @@ impl Service {
             Some(p) if p.module == rec.module => CacheStatus::Revalidated,
             _ => CacheStatus::Miss,
         };
-        self.note_version(&mut rec, &req);
         if let Some(p) = &previous {
-            rec.versions
-                .extend(p.versions.iter().map(|(k, v)| (k.clone(), v.clone())));
-            self.note_version(&mut rec, &req);
+            rec.versions = p.versions.clone();
         }
+        self.note_version(&mut rec, &req);
         self.index.put(rec.clone()).await?;
         tracing::info!(
             source = %req.source,

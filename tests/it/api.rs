@@ -199,8 +199,11 @@ async fn socket_mode_and_stale_socket_replacement() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("another process is listening"));
+    // SIGTERM: a clean exit that removes the socket.
+    let status = d.stop().expect("the daemon was running");
+    assert!(status.success(), "{status}");
+    assert!(!d.socket.exists());
     // A stale socket file (left by a crash) is replaced.
-    d.stop();
     drop(std::os::unix::net::UnixListener::bind(d.dir.path().join("unused.sock")).unwrap());
     std::fs::rename(d.dir.path().join("unused.sock"), &d.socket).unwrap();
     d.restart();

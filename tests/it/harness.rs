@@ -731,15 +731,14 @@ impl Daemon {
         );
     }
 
-    /// Stops the daemon with SIGTERM and waits for it.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-            let _ = c.wait();
-        }
+    /// Stops the daemon with SIGTERM and waits for it; its exit status, if it was running.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        c.wait().ok()
     }
 
     /// Kills the daemon with SIGKILL (a crash: no cleanup runs).
