@@ -32,6 +32,22 @@ pub struct RawConfig {
     pub file: RawFile,
     /// The network guard.
     pub network: RawNetwork,
+    /// Credentials and access checks.
+    pub auth: RawAuth,
+}
+
+/// `[auth]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAuth {
+    /// Node credentials (the kubelet's or Docker's config.json), used without a pull secret.
+    pub docker_config: Option<PathBuf>,
+    /// Let `docker_config` run credential helpers (`credsStore`, `credHelpers`).
+    pub allow_credential_helpers: bool,
+    /// When cached private modules are re-checked: "ttl", "always" or "never".
+    pub verify: Option<String>,
+    /// How long a verified credential stays verified under `verify = "ttl"`.
+    pub verify_ttl: Option<String>,
 }
 
 /// `[fetch]`.
@@ -107,6 +123,30 @@ pub struct Config {
     pub allow_cidrs: Vec<IpNet>,
     /// Ranges the network guard refuses in addition to its defaults.
     pub deny_cidrs: Vec<IpNet>,
+    /// Credentials and access checks.
+    pub auth: AuthSettings,
+}
+
+/// When a credential verified for a cached private module must be checked again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyPolicy {
+    /// Trust a verification for this long (KEP-2535 style).
+    Ttl(Duration),
+    /// Check the registry on every cache hit.
+    Always,
+    /// Trust the first verification forever.
+    Never,
+}
+
+/// `[auth]`, validated.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// Node credentials file.
+    pub docker_config: Option<PathBuf>,
+    /// Whether `docker_config` may run credential helpers.
+    pub allow_credential_helpers: bool,
+    /// Re-verification of credentials for cached private modules.
+    pub verify: VerifyPolicy,
 }
 
 /// Registries marked `insecure`, by name or by address range (as Docker's
@@ -357,7 +397,29 @@ impl RawConfig {
             }
         }
         insecure_registries.hosts.sort();
+        let ttl = duration(
+            "auth.verify_ttl",
+            &self.auth.verify_ttl,
+            Duration::from_secs(3600),
+        )?;
+        let verify = match self.auth.verify.as_deref().unwrap_or("ttl") {
+            "ttl" => VerifyPolicy::Ttl(ttl),
+            "always" => VerifyPolicy::Always,
+            "never" => VerifyPolicy::Never,
+            other => {
+                return Err(invalid(
+                    "auth.verify",
+                    format!("{other:?}: expected \"ttl\", \"always\" or \"never\""),
+                ));
+            }
+        };
+        let auth = AuthSettings {
+            docker_config: self.auth.docker_config.clone(),
+            allow_credential_helpers: self.auth.allow_credential_helpers,
+            verify,
+        };
         Ok(Config {
+            auth,
             socket: self.socket.unwrap_or(default_socket),
             socket_mode,
             cache_dir: self.cache_dir.unwrap_or(default_cache),
@@ -387,6 +449,8 @@ mod tests {
         assert_eq!(c.max_module_size, 256 << 20);
         assert_eq!(c.fetch.request_timeout, Duration::from_secs(15));
         assert!(c.file_roots.is_empty() && c.allow_cidrs.is_empty());
+        assert_eq!(c.auth.verify, VerifyPolicy::Ttl(Duration::from_secs(3600)));
+        assert!(!c.auth.allow_credential_helpers);
     }
 
     #[test]

@@ -48,7 +48,14 @@ pub fn build_service(config: &Config) -> Result<Service, crate::error::Error> {
     let index = Index::load(&store)?;
     let fetchers = Fetchers::new(config, store.clone())?;
     tracing::info!(cache_dir = %config.cache_dir.display(), records = index.len(), "cache opened");
-    Ok(Service::new(store, index, fetchers))
+    let key = crate::auth::NodeKey::load_or_create(&store)?;
+    Ok(Service::new(
+        store,
+        index,
+        fetchers,
+        key,
+        config.auth.clone(),
+    ))
 }
 
 /// Completes on SIGTERM or SIGINT.

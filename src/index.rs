@@ -57,6 +57,28 @@ impl Record {
     }
 }
 
+/// Who may read what a source (an OCI repository) holds, as the registry confirmed it.
+/// Credentials appear only as ids (HMACs under the node key), never in clear.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Access {
+    /// The registry served this source anonymously: anyone may have its modules.
+    #[serde(default)]
+    pub public: bool,
+    /// Credential ids the registry accepted for this source, with when (unix milliseconds).
+    #[serde(default)]
+    pub verified: BTreeMap<String, u64>,
+}
+
+/// What the registry confirmed for a caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    /// Anonymous access works: the source is public.
+    Public,
+    /// This credential id was accepted.
+    Credential(String),
+}
+
 /// The on-disk form of the index.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct IndexFile {
@@ -64,6 +86,18 @@ struct IndexFile {
     version: u32,
     /// All records.
     records: Vec<Record>,
+    /// Access per source key.
+    #[serde(default)]
+    access: BTreeMap<String, Access>,
+}
+
+/// Everything the index holds, behind one lock.
+#[derive(Debug, Default)]
+struct State {
+    /// Records by location.
+    records: BTreeMap<String, Record>,
+    /// Access by source key.
+    access: BTreeMap<String, Access>,
 }
 
 /// The index in memory, written through to disk on every change.
@@ -71,10 +105,18 @@ struct IndexFile {
 pub struct Index {
     /// Where the file is persisted.
     store: Store,
-    /// Records by location.
-    records: Arc<Mutex<BTreeMap<String, Record>>>,
+    /// Records and access.
+    state: Arc<Mutex<State>>,
     /// Serialises writes of the file so an older snapshot never overwrites a newer one.
     write_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Milliseconds since the unix epoch.
+pub fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Seconds since the unix epoch.
@@ -89,10 +131,12 @@ impl Index {
     /// Loads the index, dropping records whose blob is missing. Blocking.
     pub fn load(store: &Store) -> Result<Index> {
         let mut records = BTreeMap::new();
+        let mut access = BTreeMap::new();
         let mut dropped = 0;
         if let Some(bytes) = store.read_meta(INDEX_FILE)? {
             match serde_json::from_slice::<IndexFile>(&bytes) {
                 Ok(file) => {
+                    access = file.access;
                     for r in file.records {
                         if store.has(&r.module) {
                             records.insert(r.location.clone(), r);
@@ -114,7 +158,7 @@ impl Index {
         }
         let index = Index {
             store: store.clone(),
-            records: Arc::new(Mutex::new(records)),
+            state: Arc::new(Mutex::new(State { records, access })),
             write_lock: Arc::new(tokio::sync::Mutex::new(())),
         };
         if dropped > 0 {
@@ -123,18 +167,73 @@ impl Index {
         Ok(index)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {
-        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The record for `location`.
     pub fn get(&self, location: &str) -> Option<Record> {
-        self.lock().get(location).cloned()
+        self.lock().records.get(location).cloned()
+    }
+
+    /// What the registry confirmed about access to `source`.
+    pub fn access(&self, source: &str) -> Access {
+        self.lock().access.get(source).cloned().unwrap_or_default()
+    }
+
+    /// Records a grant for `source` (no write to disk; see [`Index::persist`]).
+    pub fn grant(&self, source: &str, grant: &Grant) {
+        let mut st = self.lock();
+        let a = st.access.entry(source.to_string()).or_default();
+        match grant {
+            Grant::Public => a.public = true,
+            Grant::Credential(id) => {
+                a.verified.insert(id.clone(), now_millis());
+            }
+        }
+    }
+
+    /// Forgets that `ids` were accepted for `source` (the registry refused them).
+    pub fn revoke(&self, source: &str, ids: &[String]) -> bool {
+        let mut st = self.lock();
+        let Some(a) = st.access.get_mut(source) else {
+            return false;
+        };
+        let before = a.verified.len();
+        a.verified.retain(|k, _| !ids.contains(k));
+        a.verified.len() != before
+    }
+
+    /// True when some record serving `module` comes from a source anyone may read: a public
+    /// OCI repository, or an http/file url.
+    pub fn module_is_public(&self, module: &Digest) -> bool {
+        let st = self.lock();
+        st.records.values().any(|r| {
+            r.module == *module
+                && (!r.source.starts_with("oci://")
+                    || st.access.get(&r.source).is_some_and(|a| a.public))
+        })
+    }
+
+    /// The newest time credential `id` was accepted for a source holding `module`.
+    pub fn credential_verified_for_module(&self, module: &Digest, id: &str) -> Option<u64> {
+        let st = self.lock();
+        st.records
+            .values()
+            .filter(|r| r.module == *module)
+            .filter_map(|r| st.access.get(&r.source)?.verified.get(id).copied())
+            .max()
+    }
+
+    /// True when any record serves `module`.
+    pub fn has_module(&self, module: &Digest) -> bool {
+        self.lock().records.values().any(|r| r.module == *module)
     }
 
     /// A record of `source` whose module, manifest or index digest is every one of `digests`.
     pub fn find_by_digests(&self, source: &str, digests: &[Digest]) -> Option<Record> {
         self.lock()
+            .records
             .values()
             .find(|r| r.source == source && digests.iter().all(|d| r.answers_to(d)))
             .cloned()
@@ -144,23 +243,24 @@ impl Index {
     /// for that source without downloading them again).
     pub fn source_has_module(&self, source: &str, module: &Digest) -> bool {
         self.lock()
+            .records
             .values()
             .any(|r| r.source == source && r.module == *module)
     }
 
     /// Number of records.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().records.len()
     }
 
     /// True when there are no records.
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().records.is_empty()
     }
 
     /// Inserts or replaces a record and persists the index.
     pub async fn put(&self, record: Record) -> Result<()> {
-        self.lock().insert(record.location.clone(), record);
+        self.lock().records.insert(record.location.clone(), record);
         self.persist().await
     }
 
@@ -174,9 +274,13 @@ impl Index {
     }
 
     fn write_now(&self) -> Result<()> {
-        let file = IndexFile {
-            version: 1,
-            records: self.lock().values().cloned().collect(),
+        let file = {
+            let st = self.lock();
+            IndexFile {
+                version: 1,
+                records: st.records.values().cloned().collect(),
+                access: st.access.clone(),
+            }
         };
         let bytes =
             serde_json::to_vec_pretty(&file).map_err(|e| Error::internal("encoding index", e))?;

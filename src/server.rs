@@ -4,7 +4,7 @@
 use std::future::Future;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -77,6 +77,7 @@ impl FetchBody {
         };
         let clean = |s: Option<String>| s.map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
         Ok(FetchRequest {
+            pull_secret: self.pull_secret.filter(|s| !s.expose().trim().is_empty()),
             source,
             sha256,
             policy,
@@ -150,10 +151,6 @@ pub async fn run(
         .await
 }
 
-fn module_url(d: &Digest) -> String {
-    format!("/v1/modules/{d}")
-}
-
 fn wants_wasm(headers: &HeaderMap) -> bool {
     headers
         .get(header::ACCEPT)
@@ -174,7 +171,11 @@ async fn fetch(
     let plugin = body.plugin_name.clone().unwrap_or_default();
     let req = body.into_request()?;
     tracing::debug!(source = %req.source, plugin, "fetch request");
-    let Outcome { record, cache } = service.fetch(req).await?;
+    let Outcome {
+        record,
+        cache,
+        grant,
+    } = service.fetch(req).await?;
     if wants_wasm(&headers) {
         return serve_blob(&service, &record.module, false).await;
     }
@@ -186,19 +187,32 @@ async fn fetch(
     Ok(Json(FetchResponse {
         digest: record.module.to_string(),
         size: record.size,
-        module_url: module_url(&record.module),
+        module_url: service.module_url(&record.module, &grant),
         image_digest: record.image_digest.map(|d| d.to_string()),
         cache: cache.to_string(),
     })
     .into_response())
 }
 
+/// Query of `GET /v1/modules/...` for private modules.
+#[derive(Debug, Default, Deserialize)]
+pub struct ModuleQuery {
+    /// Credential id the token was issued for.
+    #[serde(default)]
+    pub cred: Option<String>,
+    /// HMAC token bound to the module and the credential.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
 async fn module(
     State(service): State<Service>,
     method: axum::http::Method,
     Path(digest): Path<String>,
+    Query(q): Query<ModuleQuery>,
 ) -> Result<Response, ApiError> {
     let d: Digest = digest.parse()?;
+    service.check_module_access(&d, q.cred.as_deref(), q.token.as_deref())?;
     serve_blob(&service, &d, method == axum::http::Method::HEAD).await
 }
 

@@ -1,18 +1,27 @@
 //! The request service: the one place that decides, per request, between serving from the
-//! cache, revalidating upstream and fetching, and that makes concurrent identical requests
-//! share one upstream fetch.
+//! cache, verifying the caller with the registry, revalidating upstream and fetching; and
+//! that makes concurrent identical requests share one upstream operation.
+//!
+//! Tenancy: a cached OCI module is served to a caller only when its source is public
+//! (the registry served it anonymously) or when one of the caller's credentials was accepted
+//! by the registry for that source recently enough (`[auth] verify`). Otherwise the registry
+//! is asked (a manifest HEAD with the caller's credentials) before the bytes are handed out.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
+use crate::auth::dockerconfig::{DockerConfig, no_entry_error};
+use crate::auth::{Credential, NodeKey, Secret, helper};
+use crate::config::{AuthSettings, VerifyPolicy};
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
 use crate::fetch::{Fetched, Fetchers, KnownBlobs};
-use crate::index::{Index, Record, now_secs};
+use crate::index::{Grant, Index, Record, now_millis, now_secs};
 use crate::policy::{Action, Effective, Known, PullPolicy, decide};
-use crate::source::Source;
+use crate::source::{OciRef, Source};
 use crate::store::Store;
 
 /// A validated fetch request.
@@ -24,6 +33,8 @@ pub struct FetchRequest {
     pub sha256: Option<Digest>,
     /// `imagePullPolicy` as given.
     pub policy: PullPolicy,
+    /// `.dockerconfigjson` payload of the image pull secret.
+    pub pull_secret: Option<Secret>,
     /// Which plugin resource asks (e.g. `ns/name`), for `Always`.
     pub resource_name: Option<String>,
     /// The plugin resource's version, for `Always`.
@@ -38,7 +49,8 @@ pub enum CacheStatus {
     Hit,
     /// Downloaded.
     Miss,
-    /// Checked upstream; unchanged, so served from the cache.
+    /// Served from the cache after asking upstream (the tag did not move, or the registry
+    /// confirmed the caller's access).
     Revalidated,
 }
 
@@ -49,22 +61,56 @@ pub struct Outcome {
     pub record: Record,
     /// Whether it came from the cache.
     pub cache: CacheStatus,
+    /// Why the caller may have it: `Public`, or the credential id the registry accepted.
+    pub grant: Grant,
 }
 
 /// One upstream operation that concurrent identical requests wait on.
 type Flight = Shared<BoxFuture<'static, Result<Outcome>>>;
+
+/// The caller's registry credentials for one request, each with its recorded id.
+#[derive(Debug, Clone, Default)]
+struct Caller {
+    /// Candidate credentials, most specific first, with their ids.
+    creds: Vec<(Credential, String)>,
+    /// The request carried a pull secret (so a miss of every entry is worth saying).
+    from_secret: bool,
+}
+
+impl Caller {
+    fn credentials(&self) -> Vec<Credential> {
+        self.creds.iter().map(|(c, _)| c.clone()).collect()
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.creds.iter().map(|(_, id)| id.clone()).collect()
+    }
+
+    /// Distinguishes callers in flight keys (in memory only).
+    fn flight_key(&self) -> String {
+        let mut fp = String::new();
+        for (c, _) in &self.creds {
+            fp.push_str(&c.fingerprint().hex()[..16]);
+        }
+        fp
+    }
+}
 
 /// The service; cheap to clone (shared state behind `Arc`s).
 #[derive(Debug, Clone)]
 pub struct Service {
     /// Module blobs.
     store: Store,
-    /// Location -> module records.
+    /// Location -> module records, and access per source.
     index: Index,
     /// Upstream fetchers.
     fetchers: Arc<Fetchers>,
-    /// Upstream operations in progress, by location (and expected digest).
+    /// Upstream operations in progress, by kind, location and caller.
     flights: Arc<Mutex<HashMap<String, Flight>>>,
+    /// Key for credential ids and module tokens.
+    key: NodeKey,
+    /// Node credentials and re-verification policy.
+    auth: AuthSettings,
 }
 
 impl KnownBlobs for Index {
@@ -75,12 +121,20 @@ impl KnownBlobs for Index {
 
 impl Service {
     /// A service over an opened store and index.
-    pub fn new(store: Store, index: Index, fetchers: Fetchers) -> Self {
+    pub fn new(
+        store: Store,
+        index: Index,
+        fetchers: Fetchers,
+        key: NodeKey,
+        auth: AuthSettings,
+    ) -> Self {
         Service {
             store,
             index,
             fetchers: Arc::new(fetchers),
             flights: Arc::new(Mutex::new(HashMap::new())),
+            key,
+            auth,
         }
     }
 
@@ -94,17 +148,72 @@ impl Service {
         &self.index
     }
 
-    /// Answers a fetch request: from the cache when the policy allows, else upstream.
+    /// The path a caller with `grant` fetches `module` from: plain for public modules, with
+    /// a credential id and token for private ones.
+    pub fn module_url(&self, module: &Digest, grant: &Grant) -> String {
+        match grant {
+            Grant::Credential(id) if !self.index.module_is_public(module) => format!(
+                "/v1/modules/{module}?cred={id}&token={}",
+                self.key.module_token(module, id)
+            ),
+            _ => format!("/v1/modules/{module}"),
+        }
+    }
+
+    /// Checks that a `GET /v1/modules/...` may read `module`: public modules are open; a
+    /// private one needs a token issued for a credential still verified for it.
+    pub fn check_module_access(
+        &self,
+        module: &Digest,
+        cred: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<()> {
+        if !self.index.has_module(module) {
+            return Err(Error::new(
+                Code::NotPresent,
+                format!("module {module} is not in the cache"),
+            ));
+        }
+        if self.index.module_is_public(module) {
+            return Ok(());
+        }
+        let denied = |why: &str| {
+            Error::new(
+                Code::AccessDenied,
+                format!("module {module} is private: {why}"),
+            )
+        };
+        let (Some(id), Some(token)) = (cred, token) else {
+            return Err(denied("use the moduleUrl answered by POST /v1/fetch"));
+        };
+        if !self.key.check_module_token(module, id, token) {
+            return Err(denied("the token is not valid"));
+        }
+        let verified = self
+            .index
+            .credential_verified_for_module(module, id)
+            .ok_or_else(|| denied("the credential is no longer verified"))?;
+        // Under "always" a token stays usable for a short while after its verification.
+        let fresh = match self.auth.verify {
+            VerifyPolicy::Always => is_fresh(VerifyPolicy::Ttl(Duration::from_secs(300)), verified),
+            p => is_fresh(p, verified),
+        };
+        if !fresh {
+            return Err(denied("the credential's verification expired; fetch again"));
+        }
+        Ok(())
+    }
+
+    /// Answers a fetch request: from the cache when the policy and the caller's access
+    /// allow, else upstream.
     pub async fn fetch(&self, req: FetchRequest) -> Result<Outcome> {
+        let caller = self.caller(&req).await?;
         let policy = req.policy.effective(&req.source);
         let (action, record) = self.plan(&req, policy);
         let outcome = match action {
             Action::ServeDigest | Action::ServeLocation => {
                 let record = record.expect("a serve action has a record");
-                return Ok(Outcome {
-                    record,
-                    cache: CacheStatus::Hit,
-                });
+                self.authorize(&req, &caller, record).await?
             }
             Action::NotPresent => {
                 return Err(Error::new(
@@ -115,7 +224,7 @@ impl Service {
                     ),
                 ));
             }
-            Action::Fetch | Action::Revalidate => self.upstream(req.clone(), policy).await?,
+            Action::Fetch | Action::Revalidate => self.upstream(req.clone(), caller).await?,
         };
         // Followers of a flight record their own resource version too.
         if let Some(v) = &req.resource_version
@@ -133,6 +242,169 @@ impl Service {
             }
         }
         Ok(outcome)
+    }
+
+    /// The caller's candidate credentials for the request's registry and repository: from
+    /// the pull secret, else from the node's credentials file (and helpers, if allowed).
+    async fn caller(&self, req: &FetchRequest) -> Result<Caller> {
+        let Source::Oci(r) = &req.source else {
+            return Ok(Caller::default());
+        };
+        let (creds, from_secret) = if let Some(secret) = &req.pull_secret {
+            (
+                DockerConfig::parse(secret)?.matching(&r.registry, &r.repository),
+                true,
+            )
+        } else {
+            (self.node_credentials(r).await, false)
+        };
+        let creds = creds
+            .into_iter()
+            .map(|c| {
+                let id = self.key.credential_id(&r.registry, &c);
+                (c, id)
+            })
+            .collect();
+        Ok(Caller { creds, from_secret })
+    }
+
+    async fn node_credentials(&self, r: &OciRef) -> Vec<Credential> {
+        let Some(path) = &self.auth.docker_config else {
+            return Vec::new();
+        };
+        let text = match tokio::fs::read_to_string(path).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read [auth] docker_config");
+                return Vec::new();
+            }
+        };
+        let cfg = match DockerConfig::parse(&Secret::new(text)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e.message, "ignoring [auth] docker_config");
+                return Vec::new();
+            }
+        };
+        let creds = cfg.matching(&r.registry, &r.repository);
+        if !creds.is_empty() || !self.auth.allow_credential_helpers {
+            return creds;
+        }
+        let host = r.registry.as_str();
+        let helper_name = cfg
+            .helpers
+            .per_registry
+            .get(host)
+            .or(cfg.helpers.store.as_ref());
+        match helper_name {
+            Some(name) => match helper::get(name, host).await {
+                Ok(c) => c.into_iter().collect(),
+                Err(e) => {
+                    tracing::warn!(helper = %name, error = %e.message, "credential helper failed");
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        }
+    }
+
+    /// Lets `caller` have a cached `record`: at once when its source is public (or not OCI)
+    /// or one of the caller's credentials is freshly verified for it; otherwise after the
+    /// registry confirms access.
+    async fn authorize(
+        &self,
+        req: &FetchRequest,
+        caller: &Caller,
+        record: Record,
+    ) -> Result<Outcome> {
+        let Source::Oci(_) = &req.source else {
+            return Ok(Outcome {
+                record,
+                cache: CacheStatus::Hit,
+                grant: Grant::Public,
+            });
+        };
+        let access = self.index.access(&record.source);
+        if access.public {
+            return Ok(Outcome {
+                record,
+                cache: CacheStatus::Hit,
+                grant: Grant::Public,
+            });
+        }
+        for (_, id) in &caller.creds {
+            if let Some(at) = access.verified.get(id)
+                && is_fresh(self.auth.verify, *at)
+            {
+                return Ok(Outcome {
+                    record,
+                    cache: CacheStatus::Hit,
+                    grant: Grant::Credential(id.clone()),
+                });
+            }
+        }
+        let key = format!(
+            "verify|{}|{}|{}",
+            record.source,
+            record.top_digest(),
+            caller.flight_key()
+        );
+        let this = self.clone();
+        let req = req.clone();
+        let caller = caller.clone();
+        self.flight(key, async move { this.verify(req, caller, record).await })
+            .await
+    }
+
+    /// Asks the registry whether `caller` may read `record`'s manifest.
+    async fn verify(&self, req: FetchRequest, caller: Caller, record: Record) -> Result<Outcome> {
+        let Source::Oci(r) = &req.source else {
+            unreachable!("only OCI sources are verified")
+        };
+        let digest = record.image_digest.unwrap_or(record.top_digest());
+        let result = self
+            .fetchers
+            .verify_oci(r, &digest, &caller.credentials())
+            .await;
+        match result {
+            Ok(accepted) => {
+                let grant = self.grant_for(r, accepted.as_ref());
+                self.index.grant(&record.source, &grant);
+                self.index.persist().await?;
+                tracing::info!(source = %req.source, digest = %record.module, "registry confirmed access to a cached module");
+                Ok(Outcome {
+                    record,
+                    cache: CacheStatus::Revalidated,
+                    grant,
+                })
+            }
+            Err(e) if e.code == Code::AccessDenied => {
+                if self.index.revoke(&record.source, &caller.ids()) {
+                    self.index.persist().await?;
+                }
+                Err(self.explain_denied(r, &caller, e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn grant_for(&self, r: &OciRef, accepted: Option<&Credential>) -> Grant {
+        match accepted {
+            None => Grant::Public,
+            Some(c) => Grant::Credential(self.key.credential_id(&r.registry, c)),
+        }
+    }
+
+    /// An access_denied error; says so when the pull secret had no entry for the registry.
+    fn explain_denied(&self, r: &OciRef, caller: &Caller, e: Error) -> Error {
+        if caller.from_secret && caller.creds.is_empty() {
+            let base = no_entry_error(&r.registry);
+            return Error::new(
+                Code::AccessDenied,
+                format!("{}; {}", base.message, e.message),
+            );
+        }
+        e
     }
 
     /// Looks at the index and applies the policy.
@@ -171,54 +443,62 @@ impl Service {
         (action, record)
     }
 
-    /// Goes upstream once for all concurrent identical requests. The work runs in its own
-    /// task, so callers that hang up never cancel a download others wait on; the task
-    /// removes its flight when done.
-    async fn upstream(&self, req: FetchRequest, policy: Effective) -> Result<Outcome> {
+    /// Goes upstream once for all concurrent identical requests of the same caller.
+    async fn upstream(&self, req: FetchRequest, caller: Caller) -> Result<Outcome> {
         let key = format!(
-            "{}|{}",
+            "fetch|{}|{}|{}",
             req.source.location_key(),
-            req.sha256.map(|d| d.to_string()).unwrap_or_default()
+            req.sha256.map(|d| d.to_string()).unwrap_or_default(),
+            caller.flight_key()
         );
-        let flight = {
-            let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-            let this = self.clone();
-            let k = key.clone();
-            flights
-                .entry(key)
-                .or_insert_with(move || {
-                    // Spawned while the map is locked: the task cannot remove its entry
-                    // before it is inserted.
-                    let task = tokio::spawn(async move {
-                        let result = this.lead(req, policy).await;
-                        this.flights
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&k);
-                        result
-                    });
-                    async move {
-                        task.await
-                            .unwrap_or_else(|e| Err(Error::internal("fetch task", e)))
-                    }
-                    .boxed()
-                    .shared()
-                })
-                .clone()
-        };
-        flight.await
+        let this = self.clone();
+        self.flight(key, async move { this.lead(req, caller).await })
+            .await
     }
 
-    /// The work of a flight's leader.
-    async fn lead(&self, req: FetchRequest, policy: Effective) -> Result<Outcome> {
+    /// Runs `work` once per `key` at a time; concurrent callers with the same key share its
+    /// result. The work runs in its own task, so callers that hang up never cancel it, and
+    /// the task removes its flight when done.
+    fn flight(
+        &self,
+        key: String,
+        work: impl Future<Output = Result<Outcome>> + Send + 'static,
+    ) -> Flight {
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        let registry = Arc::clone(&self.flights);
+        let k = key.clone();
+        flights
+            .entry(key)
+            .or_insert_with(move || {
+                // Spawned while the map is locked: the task cannot remove its entry before
+                // it is inserted.
+                let task = tokio::spawn(async move {
+                    let result = work.await;
+                    registry
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&k);
+                    result
+                });
+                async move {
+                    task.await
+                        .unwrap_or_else(|e| Err(Error::internal("fetch task", e)))
+                }
+                .boxed()
+                .shared()
+            })
+            .clone()
+    }
+
+    /// The work of a fetch flight's leader.
+    async fn lead(&self, req: FetchRequest, caller: Caller) -> Result<Outcome> {
+        let policy = req.policy.effective(&req.source);
         // A flight that just finished may have filled the cache after this request looked.
         let (action, record) = self.plan(&req, policy);
         match action {
             Action::ServeDigest | Action::ServeLocation => {
-                return Ok(Outcome {
-                    record: record.expect("a serve action has a record"),
-                    cache: CacheStatus::Hit,
-                });
+                let record = record.expect("a serve action has a record");
+                return self.authorize(&req, &caller, record).await;
             }
             Action::NotPresent => {
                 return Err(Error::new(
@@ -231,31 +511,48 @@ impl Service {
         let previous = record.filter(|_| action == Action::Revalidate);
         let mut fetch_source = req.source.clone();
         if let (Some(prev), Source::Oci(r)) = (&previous, &req.source) {
-            let top = self.fetchers.resolve_oci(r).await?;
-            if top == prev.top_digest() {
+            let resolved = self
+                .fetchers
+                .resolve_oci(r, &caller.credentials())
+                .await
+                .map_err(|e| self.explain_denied(r, &caller, e))?;
+            let grant = self.grant_for(r, resolved.credential.as_ref());
+            self.index.grant(&prev.source, &grant);
+            if resolved.value == prev.top_digest() {
                 let mut rec = prev.clone();
                 rec.resolved_at = now_secs();
-                self.note_version(&mut rec, &req);
+                note_version(&mut rec, &req);
                 self.index.put(rec.clone()).await?;
                 tracing::info!(source = %req.source, digest = %rec.module, "revalidated: unchanged upstream");
                 return Ok(Outcome {
                     record: rec,
                     cache: CacheStatus::Revalidated,
+                    grant,
                 });
             }
             // Fetch exactly what the tag points at now.
             let mut pinned = r.clone();
-            pinned.digest = Some(top);
+            pinned.digest = Some(resolved.value);
             fetch_source = Source::Oci(pinned);
         }
         let started = std::time::Instant::now();
-        let fetched = self.fetchers.fetch(&fetch_source, &self.index).await;
+        let fetched = self
+            .fetchers
+            .fetch(&fetch_source, &self.index, &caller.credentials())
+            .await;
         let fetched = match fetched {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(source = %req.source, code = %e.code, error = %e.message, "upstream fetch failed");
-                return Err(e);
+                return Err(match &req.source {
+                    Source::Oci(r) => self.explain_denied(r, &caller, e),
+                    _ => e,
+                });
             }
+        };
+        let grant = match &req.source {
+            Source::Oci(r) => self.grant_for(r, fetched.credential.as_ref()),
+            _ => Grant::Public,
         };
         let mut rec = self.commit(&req, fetched).await?;
         let cache = match &previous {
@@ -265,7 +562,10 @@ impl Service {
         if let Some(p) = &previous {
             rec.versions = p.versions.clone();
         }
-        self.note_version(&mut rec, &req);
+        note_version(&mut rec, &req);
+        if matches!(req.source, Source::Oci(_)) {
+            self.index.grant(&rec.source, &grant);
+        }
         self.index.put(rec.clone()).await?;
         tracing::info!(
             source = %req.source,
@@ -274,14 +574,11 @@ impl Service {
             ms = started.elapsed().as_millis() as u64,
             "fetched module"
         );
-        Ok(Outcome { record: rec, cache })
-    }
-
-    fn note_version(&self, rec: &mut Record, req: &FetchRequest) {
-        if let Some(v) = &req.resource_version {
-            rec.versions
-                .insert(req.resource_name.clone().unwrap_or_default(), v.clone());
-        }
+        Ok(Outcome {
+            record: rec,
+            cache,
+            grant,
+        })
     }
 
     /// Checks the expected digests, then moves the module into the store.
@@ -320,6 +617,22 @@ impl Service {
             .await
             .map_err(|e| Error::internal("storing module", e))??;
         Ok(rec)
+    }
+}
+
+/// True when a verification at `at` (unix ms) still counts under `policy`.
+fn is_fresh(policy: VerifyPolicy, at: u64) -> bool {
+    match policy {
+        VerifyPolicy::Never => true,
+        VerifyPolicy::Always => false,
+        VerifyPolicy::Ttl(ttl) => now_millis().saturating_sub(at) < ttl.as_millis() as u64,
+    }
+}
+
+fn note_version(rec: &mut Record, req: &FetchRequest) {
+    if let Some(v) = &req.resource_version {
+        rec.versions
+            .insert(req.resource_name.clone().unwrap_or_default(), v.clone());
     }
 }
 

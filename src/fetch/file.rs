@@ -89,6 +89,7 @@ impl FileFetcher {
             size,
             image_digest: None,
             index_digest: None,
+            credential: None,
         })
     }
 }

@@ -68,6 +68,7 @@ impl HttpFetcher {
             size,
             image_digest: None,
             index_digest: None,
+            credential: None,
         })
     }
 }

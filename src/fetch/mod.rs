@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use tempfile::NamedTempFile;
 
+use crate::auth::Credential;
 use crate::config::Config;
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
@@ -34,6 +35,9 @@ pub struct Fetched {
     pub image_digest: Option<Digest>,
     /// OCI: digest of the image index the manifest was chosen from.
     pub index_digest: Option<Digest>,
+    /// OCI: the credential the registry accepted; `None` when it served anonymously (and for
+    /// http and file sources).
+    pub credential: Option<Credential>,
 }
 
 /// All fetchers, built once from config.
@@ -77,21 +81,43 @@ impl Fetchers {
         })
     }
 
-    /// Fetches, unwraps and validates the module at `source`.
-    pub async fn fetch(&self, source: &Source, known: &dyn KnownBlobs) -> Result<Fetched> {
+    /// Fetches, unwraps and validates the module at `source`. For OCI, `creds` are tried
+    /// in order (anonymous when empty).
+    pub async fn fetch(
+        &self,
+        source: &Source,
+        known: &dyn KnownBlobs,
+        creds: &[Credential],
+    ) -> Result<Fetched> {
         let work = async {
             match source {
                 Source::Http(url) => self.http.fetch(url).await,
                 Source::File(path) => self.file.fetch(path).await,
-                Source::Oci(r) => self.oci.fetch(r, &source.source_key(), known).await,
+                Source::Oci(r) => self.oci.fetch(r, &source.source_key(), known, creds).await,
             }
         };
         self.bounded(source, work).await
     }
 
     /// Resolves an OCI reference to the digest its tag points at now (a HEAD where possible).
-    pub async fn resolve_oci(&self, r: &OciRef) -> Result<Digest> {
-        self.bounded(&Source::Oci(r.clone()), self.oci.resolve(r))
+    pub async fn resolve_oci(
+        &self,
+        r: &OciRef,
+        creds: &[Credential],
+    ) -> Result<oci::Authorized<Digest>> {
+        self.bounded(&Source::Oci(r.clone()), self.oci.resolve(r, creds))
+            .await
+    }
+
+    /// Checks with the registry that `creds` (anonymous when empty) may read manifest
+    /// `digest` of `r`'s repository; the credential it accepted.
+    pub async fn verify_oci(
+        &self,
+        r: &OciRef,
+        digest: &Digest,
+        creds: &[Credential],
+    ) -> Result<Option<Credential>> {
+        self.bounded(&Source::Oci(r.clone()), self.oci.verify(r, digest, creds))
             .await
     }
 

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
@@ -15,6 +16,7 @@ use serde::Deserialize;
 
 use super::client::{Attempt, send, status_error, transport_error, with_retries};
 use super::{Fetched, KnownBlobs, unpack::TarEntry, unwrap_and_validate};
+use crate::auth::Credential;
 use crate::config::{Config, FetchSettings};
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
@@ -99,7 +101,8 @@ struct ManifestDoc {
     layers: Option<Vec<Descriptor>>,
 }
 
-/// A registry endpoint for one repository, with the token it earned.
+/// A registry endpoint for one repository and one credential (or none), with the token it
+/// earned. Credentials never cross sessions: tenant A's login is never sent for tenant B.
 struct Session<'a> {
     /// Guarded client (insecure one for insecure registries).
     client: &'a Client,
@@ -109,8 +112,24 @@ struct Session<'a> {
     registry: String,
     /// Repository, for messages and token scopes.
     repository: String,
+    /// The login to use; `None` pulls anonymously.
+    cred: Option<Credential>,
+    /// Send the login as HTTP Basic (after the registry asked for Basic).
+    basic: bool,
     /// Bearer token obtained from the registry's token service.
     token: Option<String>,
+    /// Key of this session's token in the token cache.
+    token_key: String,
+}
+
+/// What a registry operation resolved to, and which credential the registry accepted
+/// (`None`: it answered anonymously).
+#[derive(Debug)]
+pub struct Authorized<T> {
+    /// The result.
+    pub value: T,
+    /// The credential that was accepted.
+    pub credential: Option<Credential>,
 }
 
 /// Pulls modules from OCI registries.
@@ -132,6 +151,8 @@ pub struct OciFetcher {
     max_size: u64,
     /// Where blobs are written.
     store: Store,
+    /// Bearer tokens by (registry, repository, credential fingerprint), with their expiry.
+    tokens: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 fn parse_digest(s: &str, what: &str) -> Result<Digest> {
@@ -157,10 +178,11 @@ impl OciFetcher {
             settings: config.fetch.clone(),
             max_size: config.max_module_size,
             store,
+            tokens: Mutex::new(HashMap::new()),
         }
     }
 
-    async fn session(&self, r: &OciRef) -> Result<Session<'_>> {
+    async fn session(&self, r: &OciRef, cred: Option<&Credential>) -> Result<Session<'_>> {
         let host = r.api_host().to_string();
         let insecure = self.insecure_registries.matches(&r.registry);
         let scheme = if insecure {
@@ -180,8 +202,45 @@ impl OciFetcher {
             base,
             registry: r.registry.clone(),
             repository: r.repository.clone(),
+            token_key: format!(
+                "{}|{}|{}",
+                r.registry,
+                r.repository,
+                cred.map(|c| c.fingerprint().to_string())
+                    .unwrap_or_default()
+            ),
             token: None,
-        })
+            cred: cred.cloned(),
+            basic: false,
+        }
+        .with_cached_token(self))
+    }
+
+    /// Opens a session with the first of `creds` the registry accepts for `r` (probing with a
+    /// manifest HEAD when there are several), or anonymously when `creds` is empty.
+    async fn authorized_session(&self, r: &OciRef, creds: &[Credential]) -> Result<Session<'_>> {
+        if creds.len() <= 1 {
+            return self.session(r, creds.first()).await;
+        }
+        let reference = r.manifest_reference();
+        let mut last = None;
+        for cred in creds {
+            let mut s = self.session(r, Some(cred)).await?;
+            match self
+                .request(
+                    &mut s,
+                    Method::HEAD,
+                    &format!("manifests/{reference}"),
+                    ACCEPT_MANIFESTS,
+                )
+                .await
+            {
+                Ok(_) => return Ok(s),
+                Err(e) if e.code == Code::AccessDenied => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::new(Code::AccessDenied, "no credential was accepted")))
     }
 
     /// For an insecure registry: HTTPS (unverified) if it answers TLS, else plain HTTP.
@@ -207,8 +266,8 @@ impl OciFetcher {
     }
 
     /// The digest the reference points at now: HEAD on the manifest, falling back to GET.
-    pub async fn resolve(&self, r: &OciRef) -> Result<Digest> {
-        let mut s = self.session(r).await?;
+    pub async fn resolve(&self, r: &OciRef, creds: &[Credential]) -> Result<Authorized<Digest>> {
+        let mut s = self.authorized_session(r, creds).await?;
         let reference = r.manifest_reference();
         let resp = self
             .request(
@@ -224,15 +283,27 @@ impl OciFetcher {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Digest>().ok())
         {
-            return Ok(d);
+            return Ok(Authorized {
+                value: d,
+                credential: s.cred,
+            });
         }
         let (_, digest, _) = self.manifest(&mut s, &reference).await?;
-        Ok(digest)
+        Ok(Authorized {
+            value: digest,
+            credential: s.cred,
+        })
     }
 
     /// Pulls the module `r` names. `known` says which blobs this source already served.
-    pub async fn fetch(&self, r: &OciRef, source: &str, known: &dyn KnownBlobs) -> Result<Fetched> {
-        let mut s = self.session(r).await?;
+    pub async fn fetch(
+        &self,
+        r: &OciRef,
+        source: &str,
+        known: &dyn KnownBlobs,
+        creds: &[Credential],
+    ) -> Result<Fetched> {
+        let mut s = self.authorized_session(r, creds).await?;
         let mut reference = r.manifest_reference();
         let mut index_digest = None;
         for depth in 0..=MAX_INDEX_DEPTH {
@@ -268,6 +339,7 @@ impl OciFetcher {
                         size,
                         image_digest: Some(digest),
                         index_digest,
+                        credential: s.cred,
                     });
                 }
                 other => {
@@ -516,7 +588,8 @@ impl OciFetcher {
         Ok(out)
     }
 
-    /// Sends a request with retries, doing the Bearer token dance on a 401 once.
+    /// Sends a request with retries. On a 401 it answers the challenge once: a Bearer token
+    /// from the realm (with the session's login, if any), or HTTP Basic with the login.
     async fn request(
         &self,
         s: &mut Session<'_>,
@@ -524,27 +597,41 @@ impl OciFetcher {
         path: &str,
         accept: &str,
     ) -> Result<Response> {
-        let mut authed = false;
+        let mut answered = false;
         loop {
             let resp = with_retries(&self.settings, || {
                 self.send_once(s, method.clone(), path, accept)
             })
             .await?;
-            if resp.status() == StatusCode::UNAUTHORIZED
-                && !authed
-                && let Some(challenge) = resp
+            if resp.status() == StatusCode::UNAUTHORIZED && !answered {
+                answered = true;
+                let challenge = resp
                     .headers()
                     .get(WWW_AUTHENTICATE)
                     .and_then(|v| v.to_str().ok())
-                && let Some(token) = self.anonymous_token(s, challenge).await?
-            {
-                s.token = Some(token);
-                authed = true;
-                continue;
+                    .unwrap_or("")
+                    .to_string();
+                if let Some(params) = parse_bearer(&challenge) {
+                    s.token = Some(self.token(s, &params).await?);
+                    continue;
+                }
+                if challenge
+                    .trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("basic")
+                    && s.cred.is_some()
+                {
+                    s.basic = true;
+                    continue;
+                }
             }
-            if !resp.status().is_success() {
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                return Err(denied(s, status));
+            }
+            if !status.is_success() {
                 let what = format!("registry {} ({}, {path})", s.registry, s.repository);
-                return Err(status_error(&what, resp.status()).error);
+                return Err(status_error(&what, status).error);
             }
             return Ok(resp);
         }
@@ -564,6 +651,8 @@ impl OciFetcher {
         let mut req = s.client.request(method, url.clone()).header(ACCEPT, accept);
         if let Some(t) = &s.token {
             req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+        } else if let (true, Some(c)) = (s.basic, &s.cred) {
+            req = req.basic_auth(&c.username, Some(c.password.expose()));
         }
         let resp = send(req, url.as_str()).await?;
         let status = resp.status();
@@ -574,12 +663,10 @@ impl OciFetcher {
         Ok(resp)
     }
 
-    /// Anonymous Bearer token for a `WWW-Authenticate: Bearer realm=...` challenge. `None`
-    /// for other schemes (Basic needs credentials, which anonymous pulls do not have).
-    async fn anonymous_token(&self, s: &Session<'_>, challenge: &str) -> Result<Option<String>> {
-        let Some(params) = parse_bearer(challenge) else {
-            return Ok(None);
-        };
+    /// A Bearer token for a `WWW-Authenticate: Bearer realm=...` challenge, from the token
+    /// service (with the session's login as Basic, if any). Cached per registry, repository
+    /// and credential until it expires.
+    async fn token(&self, s: &Session<'_>, params: &HashMap<String, String>) -> Result<String> {
         let realm = params.get("realm").ok_or_else(|| {
             Error::new(
                 Code::UpstreamError,
@@ -604,26 +691,39 @@ impl OciFetcher {
             if let Some(service) = params.get("service") {
                 q.append_pair("service", service);
             }
-            let scope = params
-                .get("scope")
-                .cloned()
-                .unwrap_or_else(|| format!("repository:{}:pull", s.repository));
-            q.append_pair("scope", &scope);
+            // Ask for pull on this repository only, whatever the challenge suggests.
+            q.append_pair("scope", &format!("repository:{}:pull", s.repository));
         }
         let token_url = url.to_string();
+        let shown = format!(
+            "{}://{}{}",
+            url.scheme(),
+            url.host_str().unwrap_or(""),
+            url.path()
+        );
         let resp = with_retries(&self.settings, || async {
-            let resp = send(s.client.get(url.clone()), &token_url).await?;
+            let mut req = s.client.get(url.clone());
+            if let Some(c) = &s.cred {
+                req = req.basic_auth(&c.username, Some(c.password.expose()));
+            }
+            let resp = send(req, &token_url).await?;
             if resp.status().is_server_error() {
-                return Err(status_error("token service", resp.status()));
+                return Err(status_error(
+                    &format!("token service {shown}"),
+                    resp.status(),
+                ));
             }
             Ok(resp)
         })
         .await?;
+        if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
+            return Err(denied(s, resp.status()));
+        }
         if !resp.status().is_success() {
             return Err(Error::new(
-                Code::AccessDenied,
+                Code::UpstreamError,
                 format!(
-                    "registry {}: token service answered {}",
+                    "registry {}: token service {shown} answered {}",
                     s.registry,
                     resp.status()
                 ),
@@ -635,15 +735,106 @@ impl OciFetcher {
             token: Option<String>,
             #[serde(default)]
             access_token: Option<String>,
+            #[serde(default)]
+            expires_in: Option<u64>,
         }
-        let body: TokenResponse = resp.json().await.map_err(|e| {
+        let body: TokenResponse = resp.json().await.map_err(|_| {
             Error::new(
                 Code::UpstreamError,
-                format!("registry {}: bad token response: {e}", s.registry),
+                format!(
+                    "registry {}: the token service answered something other than a token",
+                    s.registry
+                ),
             )
         })?;
-        Ok(body.token.or(body.access_token))
+        let token = body
+            .token
+            .or(body.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                Error::new(
+                    Code::UpstreamError,
+                    format!(
+                        "registry {}: the token service answered no token",
+                        s.registry
+                    ),
+                )
+            })?;
+        // Refresh a little before the registry would refuse it (60 s is the spec's default).
+        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).max(1));
+        let expires = Instant::now() + lifetime.mul_f64(0.9);
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(s.token_key.clone(), (token.clone(), expires));
+        Ok(token)
     }
+
+    /// Checks that the registry lets `creds` (or anonymous, when empty) read manifest `digest`
+    /// of `r`'s repository. Returns the credential that was accepted.
+    pub async fn verify(
+        &self,
+        r: &OciRef,
+        digest: &Digest,
+        creds: &[Credential],
+    ) -> Result<Option<Credential>> {
+        let mut pinned = r.clone();
+        pinned.digest = Some(*digest);
+        let mut last = None;
+        let candidates: Vec<Option<&Credential>> = if creds.is_empty() {
+            vec![None]
+        } else {
+            creds.iter().map(Some).collect()
+        };
+        for cred in candidates {
+            let mut s = self.session(&pinned, cred).await?;
+            match self
+                .request(
+                    &mut s,
+                    Method::HEAD,
+                    &format!("manifests/{digest}"),
+                    ACCEPT_MANIFESTS,
+                )
+                .await
+            {
+                Ok(_) => return Ok(s.cred),
+                Err(e) if matches!(e.code, Code::AccessDenied | Code::NotFound) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        let e = last.expect("at least one candidate");
+        Err(Error::new(
+            Code::AccessDenied,
+            format!("the registry did not confirm access to {r}: {}", e.message),
+        ))
+    }
+}
+
+impl Session<'_> {
+    fn with_cached_token(mut self, f: &OciFetcher) -> Self {
+        let tokens = f.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((t, exp)) = tokens.get(&self.token_key)
+            && *exp > Instant::now()
+        {
+            self.token = Some(t.clone());
+        }
+        self
+    }
+}
+
+fn denied(s: &Session<'_>, status: StatusCode) -> Error {
+    let how = if s.cred.is_some() {
+        "with the given credentials"
+    } else {
+        "anonymously"
+    };
+    Error::new(
+        Code::AccessDenied,
+        format!(
+            "registry {} refused access to {} {how} ({status})",
+            s.registry, s.repository
+        ),
+    )
 }
 
 fn too_large(size: u64, max: u64) -> Error {
