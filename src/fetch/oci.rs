@@ -787,7 +787,10 @@ impl OciFetcher {
             creds.iter().map(Some).collect()
         };
         for cred in candidates {
+            // A fresh token: a cached one proves only that the credential was valid when it
+            // was issued, and verification is how a revoked credential is noticed.
             let mut s = self.session(&pinned, cred).await?;
+            s.token = None;
             match self
                 .request(
                     &mut s,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
 
@@ -84,6 +84,10 @@ pub struct Pki {
     pub server_cert: PathBuf,
     /// Server key.
     pub server_key: PathBuf,
+    /// Token-signing certificate (the registry's `rootcertbundle`).
+    pub signer_cert: PathBuf,
+    /// Token-signing key (PKCS#8 PEM).
+    pub signer_key: PathBuf,
 }
 
 /// The test PKI (see [`Pki`]).
@@ -104,7 +108,10 @@ pub fn pki() -> &'static Pki {
         run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "3", "-subj", "/CN=wasm-cache test CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
         run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
         run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "3", "-extfile", "server.ext"]);
+        run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "signer.key", "-out", "signer.pem", "-days", "3", "-subj", "/CN=wasm-cache test token signer"]);
         Pki {
+            signer_cert: p("signer.pem"),
+            signer_key: p("signer.key"),
             ca_cert: p("ca.pem"),
             server_cert: p("server.pem"),
             server_key: p("server.key"),
@@ -150,6 +157,8 @@ pub struct RegistryOpts {
     pub tls: bool,
     /// htpasswd Basic auth with these users and passwords.
     pub basic_users: Vec<(String, String)>,
+    /// Bearer token auth with this realm (a [`TokenServer`]'s url, or any url to test).
+    pub token_realm: Option<String>,
 }
 
 impl Registry {
@@ -187,6 +196,12 @@ impl Registry {
             yaml.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: wasm-cache-test\n    path: {}\n",
                 htpasswd.display()
+            ));
+        }
+        if let Some(realm) = &opts.token_realm {
+            yaml.push_str(&format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                pki().signer_cert.display()
             ));
         }
         std::fs::write(&config, yaml).unwrap();
@@ -269,6 +284,188 @@ fn blocking_get(url: &str) -> Option<u16> {
     let mut buf = [0u8; 12];
     s.read_exact(&mut buf).ok()?;
     std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
+}
+
+/// `service` of test token-auth registries.
+pub const TOKEN_SERVICE: &str = "wasm-cache-test-registry";
+/// `issuer` of test tokens.
+pub const TOKEN_ISSUER: &str = "wasm-cache-test-issuer";
+
+/// A small registry token server (distribution's `auth: token`): checks Basic credentials
+/// against its users and issues ES256 JWTs granting `pull` on the repositories each user (or
+/// anonymous) may read.
+pub struct TokenServer {
+    /// `http://127.0.0.1:port/token`.
+    pub realm: String,
+    /// Users, public repositories and counters.
+    state: Arc<TokenState>,
+}
+
+struct TokenState {
+    /// user -> (password, repositories the user may pull).
+    users: Mutex<HashMap<String, (String, Vec<String>)>>,
+    /// Repositories anyone may pull.
+    public: Mutex<Vec<String>>,
+    /// Token requests answered (any outcome).
+    requests: Mutex<usize>,
+    /// Signing key.
+    key: jsonwebtoken::EncodingKey,
+    /// x5c header value (the signing certificate, DER, base64).
+    x5c: String,
+}
+
+impl TokenServer {
+    /// Starts a token server on 127.0.0.1.
+    pub fn start() -> TokenServer {
+        use base64::Engine as _;
+        let pki = pki();
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(&std::fs::read(&pki.signer_key).unwrap())
+            .unwrap();
+        let pem = std::fs::read_to_string(&pki.signer_cert).unwrap();
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        let state = Arc::new(TokenState {
+            users: Mutex::default(),
+            public: Mutex::default(),
+            requests: Mutex::new(0),
+            key,
+            x5c: base64::engine::general_purpose::STANDARD.encode(der),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let st = Arc::clone(&state);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let app = axum::Router::new()
+                    .route("/token", axum::routing::get(issue_token))
+                    .with_state(st);
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        TokenServer {
+            realm: format!("http://{addr}/token"),
+            state,
+        }
+    }
+
+    /// Adds (or replaces) a user who may pull `repos`.
+    pub fn set_user(&self, user: &str, password: &str, repos: &[&str]) {
+        self.state.users.lock().unwrap().insert(
+            user.to_string(),
+            (
+                password.to_string(),
+                repos.iter().map(|r| r.to_string()).collect(),
+            ),
+        );
+    }
+
+    /// Removes a user (their credentials stop working).
+    pub fn remove_user(&self, user: &str) {
+        self.state.users.lock().unwrap().remove(user);
+    }
+
+    /// Lets anyone pull `repo`.
+    pub fn make_public(&self, repo: &str) {
+        self.state.public.lock().unwrap().push(repo.to_string());
+    }
+
+    /// Token requests so far.
+    pub fn requests(&self) -> usize {
+        *self.state.requests.lock().unwrap()
+    }
+}
+
+async fn issue_token(
+    State(st): State<Arc<TokenState>>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    use base64::Engine as _;
+    *st.requests.lock().unwrap() += 1;
+    let user = match headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        None => None,
+        Some(h) => {
+            let decoded = h
+                .strip_prefix("Basic ")
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .and_then(|b| String::from_utf8(b).ok());
+            let ok = decoded
+                .as_deref()
+                .and_then(|d| d.split_once(':'))
+                .and_then(|(u, p)| {
+                    let users = st.users.lock().unwrap();
+                    users
+                        .get(u)
+                        .filter(|(pw, _)| pw == p)
+                        .map(|_| u.to_string())
+                });
+            match ok {
+                Some(u) => Some(u),
+                None => {
+                    return Response::builder()
+                        .status(401)
+                        .body(Body::from("bad credentials"))
+                        .unwrap();
+                }
+            }
+        }
+    };
+    let mut access = Vec::new();
+    if let Some(scope) = q.get("scope")
+        && let Some(repo) = scope
+            .strip_prefix("repository:")
+            .and_then(|s| s.strip_suffix(":pull"))
+    {
+        let allowed = st.public.lock().unwrap().iter().any(|r| r == repo)
+            || user.as_ref().is_some_and(|u| {
+                st.users
+                    .lock()
+                    .unwrap()
+                    .get(u)
+                    .is_some_and(|(_, repos)| repos.iter().any(|r| r == repo))
+            });
+        if allowed {
+            access
+                .push(serde_json::json!({"type": "repository", "name": repo, "actions": ["pull"]}));
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "iss": TOKEN_ISSUER,
+        "sub": user.clone().unwrap_or_default(),
+        "aud": q.get("service").cloned().unwrap_or_default(),
+        "exp": now + 300,
+        "nbf": now - 10,
+        "iat": now,
+        "jti": format!("{now}-{}", *st.requests.lock().unwrap()),
+        "access": access,
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.x5c = Some(vec![st.x5c.clone()]);
+    let token = jsonwebtoken::encode(&header, &claims, &st.key).unwrap();
+    axum::Json(serde_json::json!({"token": token, "expires_in": 300})).into_response()
+}
+
+/// A `.dockerconfigjson` payload with one `auth` entry per `(key, user, password)`.
+pub fn docker_config(entries: &[(&str, &str, &str)]) -> String {
+    use base64::Engine as _;
+    let mut auths = serde_json::Map::new();
+    for (key, u, p) in entries {
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+        auths.insert(key.to_string(), serde_json::json!({"auth": auth}));
+    }
+    serde_json::json!({"auths": auths}).to_string()
 }
 
 /// Forwards to a registry and counts requests by `METHOD path`, so tests can assert exactly
@@ -451,6 +648,8 @@ pub struct Pusher {
     client: reqwest::Client,
     /// Basic credentials, for registries with htpasswd auth.
     basic: Option<(String, String)>,
+    /// A push token, for registries with token auth.
+    bearer: Option<String>,
 }
 
 impl Pusher {
@@ -460,12 +659,17 @@ impl Pusher {
             base: format!("http://{addr}"),
             client: reqwest::Client::builder().no_proxy().build().unwrap(),
             basic: None,
+            bearer: None,
         }
     }
 
     /// A pusher for `registry` as set up by `opts` (TLS trusting the test CA, Basic auth with
     /// the first user).
     pub fn for_registry(registry: &Registry, opts: &RegistryOpts) -> Pusher {
+        assert!(
+            opts.token_realm.is_none(),
+            "use Pusher::with_token for token-auth registries"
+        );
         let mut b = reqwest::Client::builder().no_proxy();
         let scheme = if opts.tls {
             let ca =
@@ -479,14 +683,50 @@ impl Pusher {
             base: format!("{scheme}://{}", registry.addr),
             client: b.build().unwrap(),
             basic: opts.basic_users.first().cloned(),
+            bearer: None,
+        }
+    }
+
+    /// A pusher for a token-auth registry: it signs its own push token for `repo`.
+    pub fn with_token(registry: &Registry, repo: &str) -> Pusher {
+        let pki = pki();
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(&std::fs::read(&pki.signer_key).unwrap())
+            .unwrap();
+        use base64::Engine as _;
+        let pem = std::fs::read_to_string(&pki.signer_cert).unwrap();
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = serde_json::json!({
+            "iss": TOKEN_ISSUER, "sub": "pusher", "aud": TOKEN_SERVICE, "exp": now + 600, "nbf": now - 10, "iat": now,
+            "jti": format!("push-{repo}-{now}"),
+            "access": [{"type": "repository", "name": repo, "actions": ["pull", "push"]}],
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.x5c = Some(vec![
+            base64::engine::general_purpose::STANDARD.encode(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap(),
+            ),
+        ]);
+        let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+        Pusher {
+            base: format!("http://{}", registry.addr),
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            basic: None,
+            bearer: Some(token),
         }
     }
 
     fn req(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
         let r = self.client.request(method, url);
-        match &self.basic {
-            Some((u, p)) => r.basic_auth(u, Some(p)),
-            None => r,
+        match (&self.basic, &self.bearer) {
+            (_, Some(t)) => r.bearer_auth(t),
+            (Some((u, p)), None) => r.basic_auth(u, Some(p)),
+            (None, None) => r,
         }
     }
 

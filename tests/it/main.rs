@@ -4,6 +4,7 @@
 mod harness;
 
 mod api;
+mod auth;
 mod http_file;
 mod oci;
 mod registry_access;
