@@ -33,7 +33,7 @@ pub struct FetchBody {
     #[serde(default, alias = "imagePullPolicy")]
     pub pull_policy: Option<String>,
     /// `.dockerconfigjson` payload of the image pull secret.
-    #[serde(default, alias = "imagePullSecret")]
+    #[serde(default)]
     pub pull_secret: Option<Secret>,
     /// Which plugin resource asks, e.g. `ns/name`.
     #[serde(default)]

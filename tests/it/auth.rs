@@ -443,3 +443,90 @@ async fn a_new_source_must_serve_layer_bytes_itself() {
         2
     );
 }
+
+#[tokio::test]
+async fn node_credentials_and_credential_helpers() {
+    use std::os::unix::fs::PermissionsExt;
+    let (registry, opts) = basic_registry(false);
+    let p = Pusher::for_registry(&registry, &opts);
+    let m = wasm_module("node-creds", 10);
+    push_solo(&p, "node/creds", "v1", &m).await;
+    let url = format!("{}/node/creds:v1", registry.addr);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The kubelet's config.json with a plain entry: used when a request has no secret.
+    let config_json = dir.path().join("config.json");
+    std::fs::write(
+        &config_json,
+        docker_config(&[(&registry.addr, "alice", PASSWORD)]),
+    )
+    .unwrap();
+    let d = Daemon::start(DaemonOpts {
+        tables: format!("[auth]\ndocker_config = {config_json:?}\n"),
+        ..Default::default()
+    });
+    assert_eq!(d.fetch_ok(json!({"url": url})).await["digest"], sha(&m));
+
+    // A helper named by the node file runs only when allowed; a helper named by a pull
+    // secret never runs.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let marker = dir.path().join("helper-ran");
+    let helper = bin.join("docker-credential-testhelper");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread server\necho \"$server\" >> {}\nprintf '{{\"ServerURL\":\"%s\",\"Username\":\"alice\",\"Secret\":\"{PASSWORD}\"}}' \"$server\"\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let helper_json = dir.path().join("helper.json");
+    std::fs::write(&helper_json, r#"{"credsStore":"testhelper","auths":{}}"#).unwrap();
+    let table = |allow: bool| {
+        format!("[auth]\ndocker_config = {helper_json:?}\nallow_credential_helpers = {allow}\n")
+    };
+
+    let off = Daemon::start(DaemonOpts {
+        tables: table(false),
+        path_prepend: Some(bin.clone()),
+        ..Default::default()
+    });
+    assert_eq!(off.fetch_err(json!({"url": url})).await.1, "access_denied");
+    let secret_with_helper =
+        r#"{"credsStore":"testhelper","credHelpers":{"127.0.0.1":"testhelper"},"auths":{}}"#;
+    assert_eq!(
+        off.fetch_err(json!({"url": url, "pullSecret": secret_with_helper}))
+            .await
+            .1,
+        "access_denied"
+    );
+    assert!(
+        !marker.exists(),
+        "no helper may run unless allowed, and never for a pull secret"
+    );
+
+    let on = Daemon::start(DaemonOpts {
+        tables: table(true),
+        path_prepend: Some(bin.clone()),
+        ..Default::default()
+    });
+    assert_eq!(on.fetch_ok(json!({"url": url})).await["digest"], sha(&m));
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap().trim(),
+        registry.addr
+    );
+    assert_eq!(
+        on.fetch_err(json!({"url": url, "pullSecret": secret_with_helper}))
+            .await
+            .1,
+        "access_denied"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap().lines().count(),
+        1,
+        "the pull secret's helper did not run"
+    );
+    assert_secret_nowhere(&on, PASSWORD);
+}

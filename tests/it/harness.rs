@@ -867,6 +867,8 @@ pub struct Daemon {
     pub log: PathBuf,
     /// The process.
     child: Option<Child>,
+    /// Directory prepended to PATH.
+    path_prepend: Option<PathBuf>,
     /// Temp dir holding all of the above.
     pub dir: Arc<tempfile::TempDir>,
 }
@@ -884,6 +886,8 @@ pub struct DaemonOpts {
     pub secure_registries: bool,
     /// Replaces the test default `[fetch]` table (5s requests, 3 fast retries).
     pub fetch: Option<String>,
+    /// Directory prepended to the daemon's PATH (for credential helpers).
+    pub path_prepend: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -922,6 +926,7 @@ impl Daemon {
         .unwrap();
         let log = dir.path().join("daemon.log");
         let mut d = Daemon {
+            path_prepend: opts.path_prepend.clone(),
             socket,
             config,
             cache_dir,
@@ -944,6 +949,17 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config)
             .env("WASM_CACHE_LOG", "debug")
+            .env(
+                "PATH",
+                match &self.path_prepend {
+                    Some(p) => format!(
+                        "{}:{}",
+                        p.display(),
+                        std::env::var("PATH").unwrap_or_default()
+                    ),
+                    None => std::env::var("PATH").unwrap_or_default(),
+                },
+            )
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
