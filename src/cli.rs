@@ -26,6 +26,74 @@ pub enum Command {
     },
     /// Ask the daemon for a module and print its answer (or write the module with -o).
     Fetch(FetchArgs),
+    /// List cached modules (admin socket).
+    Ls {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Where the admin socket is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Remove cached modules (admin socket).
+    Purge(PurgeArgs),
+    /// Cache entries, bytes and hit/miss counters (admin socket).
+    Stats {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Where the admin socket is.
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// How to reach the admin socket.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The daemon's admin socket.
+    #[arg(long, conflicts_with = "config", env = "WASM_CACHE_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    /// Read the admin socket path from this config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    /// `--admin-socket`, else the config's, else the default.
+    pub fn socket_path(&self) -> Result<PathBuf, ConfigError> {
+        if let Some(s) = &self.admin_socket {
+            return Ok(s.clone());
+        }
+        Ok(Config::load(self.config.as_deref())?.admin_socket)
+    }
+}
+
+/// `wasm-cache purge`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["all", "url", "digest", "unused_for"])))]
+pub struct PurgeArgs {
+    /// Remove every module.
+    #[arg(long)]
+    pub all: bool,
+    /// Remove the modules this url maps to (an untagged OCI repository: all its tags).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Remove this module (sha256:HEX; a manifest or index digest also names it).
+    #[arg(long)]
+    pub digest: Option<String>,
+    /// Remove modules not served for this long, e.g. 7d or 12h.
+    #[arg(long)]
+    pub unused_for: Option<String>,
+    /// Only show what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Where the admin socket is.
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// `wasm-cache fetch`.

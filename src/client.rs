@@ -114,3 +114,40 @@ pub async fn fetch(
         .map_err(|e| Error::internal("writing output", e.error))?;
     Ok(FetchOutput::Written(n))
 }
+
+/// GETs an admin path; the JSON answer.
+pub async fn admin_get(socket: &Path, path: &str) -> Result<serde_json::Value, Error> {
+    let c = client(socket)?;
+    let resp = c
+        .get(format!("http://localhost{path}"))
+        .send()
+        .await
+        .map_err(|e| unreachable_daemon(socket, e))?;
+    if !resp.status().is_success() {
+        return Err(api_error(resp).await);
+    }
+    resp.json()
+        .await
+        .map_err(|e| Error::internal("decoding answer", e))
+}
+
+/// POSTs JSON to an admin path; the JSON answer.
+pub async fn admin_post(
+    socket: &Path,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value, Error> {
+    let c = client(socket)?;
+    let resp = c
+        .post(format!("http://localhost{path}"))
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| unreachable_daemon(socket, e))?;
+    if !resp.status().is_success() {
+        return Err(api_error(resp).await);
+    }
+    resp.json()
+        .await
+        .map_err(|e| Error::internal("decoding answer", e))
+}

@@ -16,6 +16,8 @@ use serde::Deserialize;
 pub struct RawConfig {
     /// Path of the proxies' unix socket.
     pub socket: Option<PathBuf>,
+    /// Path of the admin socket (mode 0600).
+    pub admin_socket: Option<PathBuf>,
     /// Octal permission bits of the socket, e.g. "0660".
     pub socket_mode: Option<String>,
     /// Directory of the cache (blobs, index, temp files).
@@ -34,6 +36,23 @@ pub struct RawConfig {
     pub network: RawNetwork,
     /// Credentials and access checks.
     pub auth: RawAuth,
+    /// Cache lifecycle.
+    pub cache: RawCache,
+}
+
+/// `[cache]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawCache {
+    /// Modules not served for this long are removed by the sweep ("0s" disables).
+    pub unused_expiry: Option<String>,
+    /// How often the sweep runs.
+    pub purge_interval: Option<String>,
+    /// Upper bound on the bytes of cached modules, e.g. "10GiB" (unset: no bound).
+    pub max_size: Option<String>,
+    /// "lazy": re-hash each blob before it is first served after a start; "scan": also
+    /// re-hash every blob in the background at start.
+    pub verify_blobs: Option<String>,
 }
 
 /// `[auth]`.
@@ -125,6 +144,23 @@ pub struct Config {
     pub deny_cidrs: Vec<IpNet>,
     /// Credentials and access checks.
     pub auth: AuthSettings,
+    /// Where the admin socket is bound.
+    pub admin_socket: PathBuf,
+    /// Cache lifecycle.
+    pub cache: CacheSettings,
+}
+
+/// `[cache]`, validated.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// Remove modules unused for this long; `None` keeps them.
+    pub unused_expiry: Option<Duration>,
+    /// Sweep period.
+    pub purge_interval: Duration,
+    /// Bound on cached module bytes; `None` is unbounded.
+    pub max_size: Option<u64>,
+    /// Re-hash every blob in the background at start (besides before its first serve).
+    pub scan_at_start: bool,
 }
 
 /// When a credential verified for a cached private module must be checked again.
@@ -296,6 +332,11 @@ pub fn running_as_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Default admin socket: beside the default proxies' socket.
+pub fn default_admin_socket() -> PathBuf {
+    default_paths().0.with_file_name("admin.sock")
+}
+
 /// Default socket and cache paths: system paths for root, per-user paths otherwise.
 pub fn default_paths() -> (PathBuf, PathBuf) {
     if running_as_root() {
@@ -418,7 +459,43 @@ impl RawConfig {
             allow_credential_helpers: self.auth.allow_credential_helpers,
             verify,
         };
+        let c = &self.cache;
+        let expiry = duration(
+            "cache.unused_expiry",
+            &c.unused_expiry,
+            Duration::from_secs(24 * 3600),
+        )?;
+        let purge_interval = duration(
+            "cache.purge_interval",
+            &c.purge_interval,
+            Duration::from_secs(3600),
+        )?;
+        if purge_interval.is_zero() {
+            return Err(invalid("cache.purge_interval", "must be positive"));
+        }
+        let max_size = match &c.max_size {
+            None => None,
+            Some(s) => Some(parse_size(s).map_err(|m| invalid("cache.max_size", m))?),
+        };
+        let scan_at_start = match c.verify_blobs.as_deref().unwrap_or("lazy") {
+            "lazy" => false,
+            "scan" => true,
+            other => {
+                return Err(invalid(
+                    "cache.verify_blobs",
+                    format!("{other:?}: expected \"lazy\" or \"scan\""),
+                ));
+            }
+        };
+        let cache = CacheSettings {
+            unused_expiry: (!expiry.is_zero()).then_some(expiry),
+            purge_interval,
+            max_size,
+            scan_at_start,
+        };
         Ok(Config {
+            admin_socket: self.admin_socket.unwrap_or_else(default_admin_socket),
+            cache,
             auth,
             socket: self.socket.unwrap_or(default_socket),
             socket_mode,
@@ -451,6 +528,9 @@ mod tests {
         assert!(c.file_roots.is_empty() && c.allow_cidrs.is_empty());
         assert_eq!(c.auth.verify, VerifyPolicy::Ttl(Duration::from_secs(3600)));
         assert!(!c.auth.allow_credential_helpers);
+        assert_eq!(c.cache.unused_expiry, Some(Duration::from_secs(86400)));
+        assert_eq!(c.cache.max_size, None);
+        assert_eq!(c.admin_socket.file_name().unwrap(), "admin.sock");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `wasm-cache serve`: opens the cache, binds the socket and runs the server until SIGTERM.
+//! `wasm-cache serve`: opens the cache, binds the sockets and runs the servers and the
+//! expiry sweep until SIGTERM.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -47,14 +48,15 @@ pub fn build_service(config: &Config) -> Result<Service, crate::error::Error> {
     let store = Store::open(&config.cache_dir)?;
     let index = Index::load(&store)?;
     let fetchers = Fetchers::new(config, store.clone())?;
-    tracing::info!(cache_dir = %config.cache_dir.display(), records = index.len(), "cache opened");
     let key = crate::auth::NodeKey::load_or_create(&store)?;
+    tracing::info!(cache_dir = %config.cache_dir.display(), records = index.len(), "cache opened");
     Ok(Service::new(
         store,
         index,
         fetchers,
         key,
         config.auth.clone(),
+        config.cache.clone(),
     ))
 }
 
@@ -81,8 +83,53 @@ pub async fn serve(config: Config) -> Result<(), String> {
     let service = build_service(&config).map_err(|e| e.to_string())?;
     let listener = bind(&config.socket, config.socket_mode)
         .map_err(|e| format!("binding {}: {e}", config.socket.display()))?;
-    tracing::info!(socket = %config.socket.display(), "listening");
-    let result = crate::server::run(listener, service, shutdown_signal()).await;
+    let admin = bind(&config.admin_socket, 0o600)
+        .map_err(|e| format!("binding {}: {e}", config.admin_socket.display()))?;
+    tracing::info!(
+        socket = %config.socket.display(),
+        admin_socket = %config.admin_socket.display(),
+        "listening"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if config.cache.scan_at_start {
+        let s = service.clone();
+        tokio::spawn(async move {
+            if let Err(e) = s.scan().await {
+                tracing::warn!(error = %e, "blob integrity scan failed");
+            }
+        });
+    }
+    let sweeper = {
+        let s = service.clone();
+        let rx = stop_rx.clone();
+        tokio::spawn(async move { s.sweep_every_interval(rx).await })
+    };
+    let proxies = tokio::spawn(crate::server::run(
+        listener,
+        service.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let admin_server = tokio::spawn(crate::admin::run(admin, service.clone(), stopped(stop_rx)));
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let r1 = proxies.await;
+    let r2 = admin_server.await;
+    let _ = sweeper.await;
+    // Last-use times live in memory between sweeps.
+    if let Err(e) = service.index().persist().await {
+        tracing::warn!(error = %e, "writing the index at shutdown failed");
+    }
     let _ = std::fs::remove_file(&config.socket);
-    result.map_err(|e| format!("serving: {e}"))
+    let _ = std::fs::remove_file(&config.admin_socket);
+    for r in [r1, r2] {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("serving: {e}")),
+            Err(e) => return Err(format!("server task: {e}")),
+        }
+    }
+    Ok(())
 }

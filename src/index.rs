@@ -89,6 +89,9 @@ struct IndexFile {
     /// Access per source key.
     #[serde(default)]
     access: BTreeMap<String, Access>,
+    /// When each module was last served (unix milliseconds).
+    #[serde(default)]
+    used: BTreeMap<Digest, u64>,
 }
 
 /// Everything the index holds, behind one lock.
@@ -98,6 +101,27 @@ struct State {
     records: BTreeMap<String, Record>,
     /// Access by source key.
     access: BTreeMap<String, Access>,
+    /// When each module was last served (unix ms); written to disk with the next persist.
+    used: BTreeMap<Digest, u64>,
+}
+
+/// One cached module, as `wasm-cache ls` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModuleInfo {
+    /// sha256 of the module bytes.
+    pub digest: Digest,
+    /// Size in bytes.
+    pub size: u64,
+    /// Locations (urls) that map to it.
+    pub locations: Vec<String>,
+    /// When it was last served (unix ms), if ever since it was cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<u64>,
+    /// When it was first downloaded (unix seconds).
+    pub pulled_at: u64,
+    /// True when some source it comes from may be read by anyone.
+    pub public: bool,
 }
 
 /// The index in memory, written through to disk on every change.
@@ -132,11 +156,13 @@ impl Index {
     pub fn load(store: &Store) -> Result<Index> {
         let mut records = BTreeMap::new();
         let mut access = BTreeMap::new();
+        let mut used = BTreeMap::new();
         let mut dropped = 0;
         if let Some(bytes) = store.read_meta(INDEX_FILE)? {
             match serde_json::from_slice::<IndexFile>(&bytes) {
                 Ok(file) => {
                     access = file.access;
+                    used = file.used;
                     for r in file.records {
                         if store.has(&r.module) {
                             records.insert(r.location.clone(), r);
@@ -158,7 +184,11 @@ impl Index {
         }
         let index = Index {
             store: store.clone(),
-            state: Arc::new(Mutex::new(State { records, access })),
+            state: Arc::new(Mutex::new(State {
+                records,
+                access,
+                used,
+            })),
             write_lock: Arc::new(tokio::sync::Mutex::new(())),
         };
         if dropped > 0 {
@@ -225,6 +255,57 @@ impl Index {
             .max()
     }
 
+    /// Notes that `module` was served now (kept in memory until the next persist).
+    pub fn touch(&self, module: &Digest) {
+        self.lock().used.insert(*module, now_millis());
+    }
+
+    /// Every cached module with what maps to it, ordered by digest.
+    pub fn modules(&self) -> Vec<ModuleInfo> {
+        let st = self.lock();
+        let mut by: BTreeMap<Digest, ModuleInfo> = BTreeMap::new();
+        for r in st.records.values() {
+            let public = !r.source.starts_with("oci://")
+                || st.access.get(&r.source).is_some_and(|a| a.public);
+            let e = by.entry(r.module).or_insert_with(|| ModuleInfo {
+                digest: r.module,
+                size: r.size,
+                locations: Vec::new(),
+                last_used: st.used.get(&r.module).copied(),
+                pulled_at: r.fetched_at,
+                public: false,
+            });
+            e.locations.push(r.location.clone());
+            e.pulled_at = e.pulled_at.min(r.fetched_at);
+            e.public |= public;
+        }
+        by.into_values().collect()
+    }
+
+    /// Removes every record of the modules in `digests` and their use times; returns the
+    /// records removed. Persist afterwards.
+    pub fn remove_modules(&self, digests: &[Digest]) -> Vec<Record> {
+        let mut st = self.lock();
+        let mut removed = Vec::new();
+        st.records.retain(|_, r| {
+            if digests.contains(&r.module) {
+                removed.push(r.clone());
+                false
+            } else {
+                true
+            }
+        });
+        for d in digests {
+            st.used.remove(d);
+        }
+        removed
+    }
+
+    /// All records (a snapshot).
+    pub fn records(&self) -> Vec<Record> {
+        self.lock().records.values().cloned().collect()
+    }
+
     /// True when any record serves `module`.
     pub fn has_module(&self, module: &Digest) -> bool {
         self.lock().records.values().any(|r| r.module == *module)
@@ -280,6 +361,7 @@ impl Index {
                 version: 1,
                 records: st.records.values().cloned().collect(),
                 access: st.access.clone(),
+                used: st.used.clone(),
             }
         };
         let bytes =

@@ -18,6 +18,7 @@
 //! - [`daemon`]: socket binding, startup and shutdown; [`cli`] and [`client`]: the command line.
 //! - [`error`]: the error type and its stable wire codes.
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod client;
@@ -27,8 +28,10 @@ pub mod digest;
 pub mod error;
 pub mod fetch;
 pub mod index;
+pub mod lifecycle;
 pub mod netguard;
 pub mod policy;
+pub mod report;
 pub mod server;
 pub mod service;
 pub mod source;

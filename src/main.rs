@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use wasm_cache::cli::{Cli, Command};
+use wasm_cache::admin::PurgeBody;
+use wasm_cache::cli::{AdminArgs, Cli, Command};
 use wasm_cache::client::{self, FetchOutput};
 use wasm_cache::config::Config;
 
@@ -38,6 +39,39 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ls { json, admin } => {
+            admin_command(&admin, json, |s| async move {
+                let v = client::admin_get(&s, "/v1/admin/modules").await?;
+                let modules: Vec<wasm_cache::index::ModuleInfo> =
+                    serde_json::from_value(v["modules"].clone()).map_err(decode)?;
+                Ok((v, wasm_cache::report::modules_table(&modules)))
+            })
+            .await
+        }
+        Command::Stats { json, admin } => {
+            admin_command(&admin, json, |s| async move {
+                let v = client::admin_get(&s, "/v1/admin/stats").await?;
+                let r = serde_json::from_value(v.clone()).map_err(decode)?;
+                Ok((v, wasm_cache::report::stats_text(&r)))
+            })
+            .await
+        }
+        Command::Purge(p) => {
+            let body = PurgeBody {
+                all: p.all,
+                url: p.url.clone(),
+                digest: p.digest.clone(),
+                unused_for: p.unused_for.clone(),
+                dry_run: p.dry_run,
+            };
+            admin_command(&p.admin, p.json, |s| async move {
+                let body = serde_json::to_value(&body).map_err(decode)?;
+                let v = client::admin_post(&s, "/v1/admin/purge", &body).await?;
+                let r = serde_json::from_value(v.clone()).map_err(decode)?;
+                Ok((v, wasm_cache::report::purge_summary(&r)))
+            })
+            .await
+        }
         Command::Fetch(args) => {
             let (socket, body) = match (args.socket_path(), args.body()) {
                 (Ok(s), Ok(b)) => (s, b),
@@ -66,6 +100,40 @@ async fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn decode(e: impl std::fmt::Display) -> wasm_cache::error::Error {
+    wasm_cache::error::Error::internal("decoding the daemon's answer", e)
+}
+
+/// Runs an admin request and prints its JSON (with `--json`) or its text.
+async fn admin_command<F, Fut>(admin: &AdminArgs, json: bool, run: F) -> ExitCode
+where
+    F: FnOnce(std::path::PathBuf) -> Fut,
+    Fut:
+        std::future::Future<Output = Result<(serde_json::Value, String), wasm_cache::error::Error>>,
+{
+    let socket = match admin.socket_path() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wasm-cache: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(socket).await {
+        Ok((v, text)) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {}", e.code, e.message);
+            ExitCode::FAILURE
         }
     }
 }

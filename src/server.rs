@@ -179,6 +179,7 @@ async fn fetch(
     if wants_wasm(&headers) {
         return serve_blob(&service, &record.module, false).await;
     }
+
     let cache = match cache {
         CacheStatus::Hit => "hit",
         CacheStatus::Miss => "miss",
@@ -213,7 +214,12 @@ async fn module(
 ) -> Result<Response, ApiError> {
     let d: Digest = digest.parse()?;
     service.check_module_access(&d, q.cred.as_deref(), q.token.as_deref())?;
-    serve_blob(&service, &d, method == axum::http::Method::HEAD).await
+    if !service.ensure_intact(&d).await? {
+        return Err(Error::new(Code::NotPresent, format!("module {d} is not in the cache")).into());
+    }
+    let resp = serve_blob(&service, &d, method == axum::http::Method::HEAD).await?;
+    service.index().touch(&d);
+    Ok(resp)
 }
 
 async fn serve_blob(service: &Service, d: &Digest, head: bool) -> Result<Response, ApiError> {

@@ -7,7 +7,7 @@
 //! by the registry for that source recently enough (`[auth] verify`). Otherwise the registry
 //! is asked (a manifest HEAD with the caller's credentials) before the bytes are handed out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,11 +15,12 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 use crate::auth::dockerconfig::{DockerConfig, no_entry_error};
 use crate::auth::{Credential, NodeKey, Secret, helper};
-use crate::config::{AuthSettings, VerifyPolicy};
+use crate::config::{AuthSettings, CacheSettings, VerifyPolicy};
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
 use crate::fetch::{Fetched, Fetchers, KnownBlobs};
 use crate::index::{Grant, Index, Record, now_millis, now_secs};
+use crate::lifecycle::Stats;
 use crate::policy::{Action, Effective, Known, PullPolicy, decide};
 use crate::source::{OciRef, Source};
 use crate::store::Store;
@@ -100,9 +101,9 @@ impl Caller {
 #[derive(Debug, Clone)]
 pub struct Service {
     /// Module blobs.
-    store: Store,
+    pub(crate) store: Store,
     /// Location -> module records, and access per source.
-    index: Index,
+    pub(crate) index: Index,
     /// Upstream fetchers.
     fetchers: Arc<Fetchers>,
     /// Upstream operations in progress, by kind, location and caller.
@@ -111,6 +112,15 @@ pub struct Service {
     key: NodeKey,
     /// Node credentials and re-verification policy.
     auth: AuthSettings,
+    /// Expiry, size bound and integrity settings.
+    pub(crate) cache: CacheSettings,
+    /// Counters for `stats`.
+    pub(crate) stats: Arc<Stats>,
+    /// Held while blobs and records change together (install, purge, eviction), so a purge
+    /// racing a fetch leaves blobs and records consistent.
+    pub(crate) cache_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Blobs re-hashed (or written) since this process started.
+    pub(crate) intact: Arc<Mutex<HashSet<Digest>>>,
 }
 
 impl KnownBlobs for Index {
@@ -127,6 +137,7 @@ impl Service {
         fetchers: Fetchers,
         key: NodeKey,
         auth: AuthSettings,
+        cache: CacheSettings,
     ) -> Self {
         Service {
             store,
@@ -135,6 +146,10 @@ impl Service {
             flights: Arc::new(Mutex::new(HashMap::new())),
             key,
             auth,
+            cache,
+            stats: Arc::new(Stats::default()),
+            cache_lock: Arc::new(tokio::sync::Mutex::new(())),
+            intact: Arc::new(Mutex::new(HashSet::new())),
         }
     }
 
@@ -207,9 +222,24 @@ impl Service {
     /// Answers a fetch request: from the cache when the policy and the caller's access
     /// allow, else upstream.
     pub async fn fetch(&self, req: FetchRequest) -> Result<Outcome> {
+        let result = self.fetch_inner(req).await;
+        self.stats.count(&result);
+        if let Ok(o) = &result {
+            self.index.touch(&o.record.module);
+        }
+        result
+    }
+
+    async fn fetch_inner(&self, req: FetchRequest) -> Result<Outcome> {
         let caller = self.caller(&req).await?;
         let policy = req.policy.effective(&req.source);
-        let (action, record) = self.plan(&req, policy);
+        let (mut action, mut record) = self.plan(&req, policy);
+        // A cached blob that no longer matches its digest is dropped and fetched again.
+        if let (Action::ServeDigest | Action::ServeLocation, Some(r)) = (action, &record)
+            && !self.ensure_intact(&r.module).await?
+        {
+            (action, record) = self.plan(&req, policy);
+        }
         let outcome = match action {
             Action::ServeDigest | Action::ServeLocation => {
                 let record = record.expect("a serve action has a record");
@@ -554,7 +584,7 @@ impl Service {
             Source::Oci(r) => self.grant_for(r, fetched.credential.as_ref()),
             _ => Grant::Public,
         };
-        let mut rec = self.commit(&req, fetched).await?;
+        let (mut rec, file) = self.check(&req, fetched)?;
         let cache = match &previous {
             Some(p) if p.module == rec.module => CacheStatus::Revalidated,
             _ => CacheStatus::Miss,
@@ -566,7 +596,7 @@ impl Service {
         if matches!(req.source, Source::Oci(_)) {
             self.index.grant(&rec.source, &grant);
         }
-        self.index.put(rec.clone()).await?;
+        self.install(file, rec.clone()).await?;
         tracing::info!(
             source = %req.source,
             digest = %rec.module,
@@ -581,8 +611,8 @@ impl Service {
         })
     }
 
-    /// Checks the expected digests, then moves the module into the store.
-    async fn commit(&self, req: &FetchRequest, f: Fetched) -> Result<Record> {
+    /// Checks the expected digests; the record to install and the module file.
+    fn check(&self, req: &FetchRequest, f: Fetched) -> Result<(Record, tempfile::NamedTempFile)> {
         let now = now_secs();
         let rec = Record {
             location: req.source.location_key(),
@@ -610,13 +640,24 @@ impl Service {
                 ));
             }
         }
+        Ok((rec, f.file))
+    }
+
+    /// Moves a checked module into the store and records it, evicting least recently used
+    /// modules first if `[cache] max_size` needs room.
+    async fn install(&self, file: tempfile::NamedTempFile, rec: Record) -> Result<()> {
+        let _guard = self.cache_lock.lock().await;
+        self.make_room(&rec).await?;
         let store = self.store.clone();
-        let digest = f.digest;
-        let file = f.file;
+        let digest = rec.module;
         tokio::task::spawn_blocking(move || store.commit(file, &digest))
             .await
             .map_err(|e| Error::internal("storing module", e))??;
-        Ok(rec)
+        self.intact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest);
+        self.index.put(rec).await
     }
 }
 

@@ -859,6 +859,8 @@ pub async fn push_solo(p: &Pusher, repo: &str, tag: &str, module: &[u8]) -> Desc
 pub struct Daemon {
     /// The proxies' socket.
     pub socket: PathBuf,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
     /// The config file.
     pub config: PathBuf,
     /// The cache directory.
@@ -899,6 +901,7 @@ impl Daemon {
     /// Starts a daemon whose files live in `dir` (reused across restarts).
     pub fn start_in(dir: Arc<tempfile::TempDir>, opts: DaemonOpts) -> Daemon {
         let socket = dir.path().join("run").join("wasm-cache.sock");
+        let admin_socket = dir.path().join("run").join("admin.sock");
         let cache_dir = dir.path().join("cache");
         let config = dir.path().join("wasm-cache.toml");
         let files = dir.path().join("files");
@@ -919,13 +922,14 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "socket = {socket:?}\ncache_dir = {cache_dir:?}\n{}\n{fetch}\n[file]\nallowed_roots = [{files:?}]\n\n{network}\n{registries}\n{}\n",
+                "socket = {socket:?}\nadmin_socket = {admin_socket:?}\ncache_dir = {cache_dir:?}\n{}\n{fetch}\n[file]\nallowed_roots = [{files:?}]\n\n{network}\n{registries}\n{}\n",
                 opts.top, opts.tables
             ),
         )
         .unwrap();
         let log = dir.path().join("daemon.log");
         let mut d = Daemon {
+            admin_socket,
             path_prepend: opts.path_prepend.clone(),
             socket,
             config,
