@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod admin;
 mod api;
 mod auth;
 mod http_file;
