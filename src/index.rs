@@ -194,6 +194,19 @@ impl Index {
         if dropped > 0 {
             index.write_now()?;
         }
+        // Blobs no record points to (a crash between a purge's index write and its deletes).
+        let referenced: std::collections::HashSet<Digest> =
+            index.lock().records.values().map(|r| r.module).collect();
+        let mut orphans = 0;
+        for d in store.blob_digests()? {
+            if !referenced.contains(&d) {
+                store.remove(&d)?;
+                orphans += 1;
+            }
+        }
+        if orphans > 0 {
+            tracing::info!(orphans, "removed blobs that no record points to");
+        }
         Ok(index)
     }
 
@@ -406,8 +419,16 @@ mod tests {
             .unwrap();
         assert_eq!(index.len(), 2);
 
+        // A blob no record points to is removed at load.
+        let mut w = store.writer(100, "m").unwrap();
+        w.write(b"orphan").await.unwrap();
+        let (tmp, orphan, _) = w.finish().await.unwrap();
+        store.commit(tmp, &orphan).unwrap();
+
         let reloaded = Index::load(&store).unwrap();
         assert_eq!(reloaded.len(), 1);
+        assert!(!store.has(&orphan));
+        assert!(store.has(&kept));
         assert_eq!(reloaded.get("oci://r/x:a").unwrap().module, kept);
         assert!(
             reloaded

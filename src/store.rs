@@ -113,6 +113,18 @@ impl Store {
         Ok(dest)
     }
 
+    /// Digests of every blob on disk (files with other names are ignored). Blocking.
+    pub fn blob_digests(&self) -> Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.blobs).map_err(|e| io("listing", &self.blobs, e))? {
+            let e = e.map_err(|e| io("listing", &self.blobs, e))?;
+            if let Some(d) = e.file_name().to_str().and_then(|n| n.parse::<Digest>().ok()) {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes the blob for `digest`, if present. Open readers keep their bytes.
     pub fn remove(&self, digest: &Digest) -> Result<()> {
         let p = self.blob_path(digest);
