@@ -406,12 +406,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let kept = Digest::of(b"kept");
+        let index = Index::load(&store).unwrap();
         let mut w = store.writer(100, "m").unwrap();
         w.write(b"kept").await.unwrap();
         let (tmp, d, _) = w.finish().await.unwrap();
         store.commit(tmp, &d).unwrap();
-
-        let index = Index::load(&store).unwrap();
         index.put(record("oci://r/x:a", kept)).await.unwrap();
         index
             .put(record("oci://r/x:b", Digest::of(b"gone")))

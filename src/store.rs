@@ -118,7 +118,11 @@ impl Store {
         let mut out = Vec::new();
         for e in fs::read_dir(&self.blobs).map_err(|e| io("listing", &self.blobs, e))? {
             let e = e.map_err(|e| io("listing", &self.blobs, e))?;
-            if let Some(d) = e.file_name().to_str().and_then(|n| n.parse::<Digest>().ok()) {
+            if let Some(d) = e
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Digest>().ok())
+            {
                 out.push(d);
             }
         }
