@@ -23,6 +23,9 @@ pub enum Command {
         /// Config file (TOML); see config/wasm-cache.toml.
         #[arg(long, env = "WASM_CACHE_CONFIG")]
         config: Option<PathBuf>,
+        /// Log format (overrides `[log] format`).
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
     },
     /// Ask the daemon for a module and print its answer (or write the module with -o).
     Fetch(FetchArgs),
@@ -46,6 +49,15 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// How to reach the admin socket.

@@ -18,6 +18,10 @@ pub struct RawConfig {
     pub socket: Option<PathBuf>,
     /// Path of the admin socket (mode 0600).
     pub admin_socket: Option<PathBuf>,
+    /// Optional TCP address serving only `GET /metrics`, e.g. "127.0.0.1:9102".
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Logging.
+    pub log: RawLog,
     /// Octal permission bits of the socket, e.g. "0660".
     pub socket_mode: Option<String>,
     /// Directory of the cache (blobs, index, temp files).
@@ -38,6 +42,14 @@ pub struct RawConfig {
     pub auth: RawAuth,
     /// Cache lifecycle.
     pub cache: RawCache,
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLog {
+    /// "text" (default) or "json".
+    pub format: Option<String>,
 }
 
 /// `[cache]`.
@@ -146,6 +158,10 @@ pub struct Config {
     pub auth: AuthSettings,
     /// Where the admin socket is bound.
     pub admin_socket: PathBuf,
+    /// TCP address for `GET /metrics`, if any.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Log lines as JSON instead of text.
+    pub log_json: bool,
     /// Cache lifecycle.
     pub cache: CacheSettings,
 }
@@ -493,7 +509,19 @@ impl RawConfig {
             max_size,
             scan_at_start,
         };
+        let log_json = match self.log.format.as_deref().unwrap_or("text") {
+            "text" => false,
+            "json" => true,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("{other:?}: expected \"text\" or \"json\""),
+                ));
+            }
+        };
         Ok(Config {
+            metrics_addr: self.metrics_addr,
+            log_json,
             admin_socket: self.admin_socket.unwrap_or_else(default_admin_socket),
             cache,
             auth,

@@ -112,12 +112,29 @@ pub async fn serve(config: Config) -> Result<(), String> {
         service.clone(),
         stopped(stop_rx.clone()),
     ));
+    let metrics_server = match config.metrics_addr {
+        None => None,
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("binding metrics_addr {addr}: {e}"))?;
+            tracing::info!(%addr, "serving /metrics over TCP");
+            let router = crate::server::metrics_router(service.clone());
+            let stop = stopped(stop_rx.clone());
+            Some(tokio::spawn(async move {
+                axum::serve(l, router).with_graceful_shutdown(stop).await
+            }))
+        }
+    };
     let admin_server = tokio::spawn(crate::admin::run(admin, service.clone(), stopped(stop_rx)));
     shutdown_signal().await;
     let _ = stop_tx.send(true);
     let r1 = proxies.await;
     let r2 = admin_server.await;
     let _ = sweeper.await;
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
     // Last-use times live in memory between sweeps.
     if let Err(e) = service.index().persist().await {
         tracing::warn!(error = %e, "writing the index at shutdown failed");

@@ -29,6 +29,7 @@ pub mod error;
 pub mod fetch;
 pub mod index;
 pub mod lifecycle;
+pub mod metrics;
 pub mod netguard;
 pub mod policy;
 pub mod report;

@@ -4,7 +4,6 @@
 //! "Used" means served to a caller (a hit, a miss, a `GET /v1/modules/...`), never merely
 //! looked up: Istio's agent purged modules proxies still used (istio#42154).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -12,42 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::digest::{Digest, Hasher};
 use crate::error::{Code, Error, Result};
 use crate::index::{ModuleInfo, Record, now_millis};
-use crate::service::{CacheStatus, Outcome, Service};
+use crate::service::Service;
 use crate::source::Source;
-
-/// Counters since start.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Fetches answered from the cache without upstream traffic.
-    pub hits: AtomicU64,
-    /// Fetches that downloaded.
-    pub misses: AtomicU64,
-    /// Fetches answered from the cache after an upstream check.
-    pub revalidated: AtomicU64,
-    /// Fetches that failed.
-    pub errors: AtomicU64,
-    /// Modules evicted to respect `max_size`.
-    pub evictions: AtomicU64,
-    /// Modules removed by purges and the expiry sweep.
-    pub purged: AtomicU64,
-    /// Blobs dropped because their bytes no longer matched their digest.
-    pub corrupt: AtomicU64,
-}
-
-impl Stats {
-    /// Counts one fetch result.
-    pub fn count(&self, r: &Result<Outcome>) {
-        let c = match r {
-            Ok(o) => match o.cache {
-                CacheStatus::Hit => &self.hits,
-                CacheStatus::Miss => &self.misses,
-                CacheStatus::Revalidated => &self.revalidated,
-            },
-            Err(_) => &self.errors,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// What `stats` reports.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -106,20 +71,34 @@ impl Service {
     /// Counters and sizes.
     pub fn stats_report(&self) -> StatsReport {
         let modules = self.index.modules();
-        let s = &self.stats;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let m = &self.metrics;
         StatsReport {
             entries: modules.len() as u64,
             bytes: modules.iter().map(|m| m.size).sum(),
             max_bytes: self.cache.max_size,
-            hits: get(&s.hits),
-            misses: get(&s.misses),
-            revalidated: get(&s.revalidated),
-            errors: get(&s.errors),
-            evictions: get(&s.evictions),
-            purged: get(&s.purged),
-            corrupt: get(&s.corrupt),
+            hits: m.lookups_of("hit"),
+            misses: m.lookups_of("miss"),
+            revalidated: m.lookups_of("revalidated"),
+            errors: m.lookups_of("error"),
+            evictions: m.evictions.get(),
+            purged: m.purged.get(),
+            corrupt: m.corrupt.get(),
         }
+    }
+
+    /// The Prometheus text exposition, with cache gauges brought up to date.
+    pub fn metrics_text(&self) -> String {
+        let modules = self.index.modules();
+        self.metrics.entries.set(modules.len() as i64);
+        self.metrics
+            .bytes
+            .set(modules.iter().map(|m| m.size).sum::<u64>() as i64);
+        self.metrics.render()
+    }
+
+    /// Counts module bytes sent to a caller.
+    pub fn count_served(&self, bytes: u64) {
+        self.metrics.served_bytes.inc_by(bytes);
     }
 
     /// Every cached module.
@@ -134,9 +113,7 @@ impl Service {
         let chosen = self.select(selector)?;
         if !dry_run {
             self.remove(&chosen).await?;
-            self.stats
-                .purged
-                .fetch_add(chosen.len() as u64, Ordering::Relaxed);
+            self.metrics.purged.inc_by(chosen.len() as u64);
             if !chosen.is_empty() {
                 tracing::info!(modules = chosen.len(), selector = ?selector, "purged");
             }
@@ -248,9 +225,7 @@ impl Service {
         for v in &victims {
             tracing::info!(digest = %v.digest, bytes = v.size, "evicting least recently used module to respect [cache] max_size");
         }
-        self.stats
-            .evictions
-            .fetch_add(victims.len() as u64, Ordering::Relaxed);
+        self.metrics.evictions.inc_by(victims.len() as u64);
         self.remove(&victims).await
     }
 
@@ -319,7 +294,7 @@ impl Service {
                     found = ?got,
                     "cached module is corrupt or missing; dropping it (it will be fetched again)"
                 );
-                self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                self.metrics.corrupt.inc();
                 let _guard = self.cache_lock.lock().await;
                 let victims: Vec<ModuleInfo> = self
                     .index

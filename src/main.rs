@@ -5,25 +5,29 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use wasm_cache::admin::PurgeBody;
-use wasm_cache::cli::{AdminArgs, Cli, Command};
+use wasm_cache::cli::{AdminArgs, Cli, Command, LogFormat};
 use wasm_cache::client::{self, FetchOutput};
 use wasm_cache::config::Config;
 
-fn init_logs() {
+fn init_logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WASM_CACHE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => {
-            init_logs();
+        Command::Serve { config, log_format } => {
             let config = match Config::load(config.as_deref()) {
                 Ok(c) => c,
                 Err(e) => {
@@ -31,6 +35,11 @@ async fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            init_logs(match log_format {
+                Some(LogFormat::Json) => true,
+                Some(LogFormat::Text) => false,
+                None => config.log_json,
+            });
             match wasm_cache::daemon::serve(config).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -133,6 +133,7 @@ pub fn router(service: Service) -> Router {
         .route("/v1/modules/{digest}", get(module))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError(Error::new(Code::NotFound, "no such endpoint")).into_response()
         })
@@ -149,6 +150,23 @@ pub async fn run(
     axum::serve(listener, router(service))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(service): State<Service>) -> Response {
+    let mut resp = Response::new(Body::from(service.metrics_text()));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+/// A router with only `GET /metrics`, for `metrics_addr`.
+pub fn metrics_router(service: Service) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(service)
 }
 
 fn wants_wasm(headers: &HeaderMap) -> bool {
@@ -238,6 +256,7 @@ async fn serve_blob(service: &Service, d: &Digest, head: bool) -> Result<Respons
     let body = if head {
         Body::empty()
     } else {
+        service.count_served(len);
         Body::from_stream(ReaderStream::with_capacity(file, 64 * 1024))
     };
     let mut resp = Response::new(body);

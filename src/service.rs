@@ -20,7 +20,7 @@ use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
 use crate::fetch::{Fetched, Fetchers, KnownBlobs};
 use crate::index::{Grant, Index, Record, now_millis, now_secs};
-use crate::lifecycle::Stats;
+use crate::metrics::Metrics;
 use crate::policy::{Action, Effective, Known, PullPolicy, decide};
 use crate::source::{OciRef, Source};
 use crate::store::Store;
@@ -114,8 +114,8 @@ pub struct Service {
     auth: AuthSettings,
     /// Expiry, size bound and integrity settings.
     pub(crate) cache: CacheSettings,
-    /// Counters for `stats`.
-    pub(crate) stats: Arc<Stats>,
+    /// Prometheus metrics, also read by `stats`.
+    pub(crate) metrics: Arc<Metrics>,
     /// Held while blobs and records change together (install, purge, eviction), so a purge
     /// racing a fetch leaves blobs and records consistent.
     pub(crate) cache_lock: Arc<tokio::sync::Mutex<()>>,
@@ -147,7 +147,7 @@ impl Service {
             key,
             auth,
             cache,
-            stats: Arc::new(Stats::default()),
+            metrics: Arc::new(Metrics::new()),
             cache_lock: Arc::new(tokio::sync::Mutex::new(())),
             intact: Arc::new(Mutex::new(HashSet::new())),
         }
@@ -222,11 +222,23 @@ impl Service {
     /// Answers a fetch request: from the cache when the policy and the caller's access
     /// allow, else upstream.
     pub async fn fetch(&self, req: FetchRequest) -> Result<Outcome> {
+        let started = std::time::Instant::now();
         let result = self.fetch_inner(req).await;
-        self.stats.count(&result);
-        if let Ok(o) = &result {
-            self.index.touch(&o.record.module);
-        }
+        let label = match &result {
+            Ok(o) => {
+                self.index.touch(&o.record.module);
+                match o.cache {
+                    CacheStatus::Hit => "hit",
+                    CacheStatus::Miss => "miss",
+                    CacheStatus::Revalidated => "revalidated",
+                }
+            }
+            Err(_) => "error",
+        };
+        self.metrics.lookups.with_label_values(&[label]).inc();
+        self.metrics
+            .request_seconds
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 
@@ -382,7 +394,7 @@ impl Service {
         let this = self.clone();
         let req = req.clone();
         let caller = caller.clone();
-        self.flight(key, async move { this.verify(req, caller, record).await })
+        self.join(key, async move { this.verify(req, caller, record).await })
             .await
     }
 
@@ -482,8 +494,30 @@ impl Service {
             caller.flight_key()
         );
         let this = self.clone();
-        self.flight(key, async move { this.lead(req, caller).await })
+        self.join(key, async move { this.lead(req, caller).await })
             .await
+    }
+
+    /// Joins (or starts) the flight for `key`, counting the callers that wait on a flight
+    /// another caller started.
+    async fn join(
+        &self,
+        key: String,
+        work: impl Future<Output = Result<Outcome>> + Send + 'static,
+    ) -> Result<Outcome> {
+        let (flight, started_here) = self.flight(key, work);
+        if started_here {
+            return flight.await;
+        }
+        struct Waiting<'a>(&'a Metrics);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.waiters.dec();
+            }
+        }
+        self.metrics.waiters.inc();
+        let _waiting = Waiting(&self.metrics);
+        flight.await
     }
 
     /// Runs `work` once per `key` at a time; concurrent callers with the same key share its
@@ -493,11 +527,14 @@ impl Service {
         &self,
         key: String,
         work: impl Future<Output = Result<Outcome>> + Send + 'static,
-    ) -> Flight {
+    ) -> (Flight, bool) {
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = flights.get(&key) {
+            return (f.clone(), false);
+        }
         let registry = Arc::clone(&self.flights);
         let k = key.clone();
-        flights
+        let f = flights
             .entry(key)
             .or_insert_with(move || {
                 // Spawned while the map is locked: the task cannot remove its entry before
@@ -517,7 +554,8 @@ impl Service {
                 .boxed()
                 .shared()
             })
-            .clone()
+            .clone();
+        (f, true)
     }
 
     /// The work of a fetch flight's leader.
@@ -566,25 +604,25 @@ impl Service {
             fetch_source = Source::Oci(pinned);
         }
         let started = std::time::Instant::now();
-        let fetched = self
+        let checked = match self
             .fetchers
             .fetch(&fetch_source, &self.index, &caller.credentials())
-            .await;
-        let fetched = match fetched {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(source = %req.source, code = %e.code, error = %e.message, "upstream fetch failed");
-                return Err(match &req.source {
-                    Source::Oci(r) => self.explain_denied(r, &caller, e),
-                    _ => e,
-                });
+            .await
+        {
+            Ok(f) => {
+                let grant = match &req.source {
+                    Source::Oci(r) => self.grant_for(r, f.credential.as_ref()),
+                    _ => Grant::Public,
+                };
+                self.check(&req, f).map(|(rec, file)| (rec, file, grant))
             }
+            Err(e) => Err(match &req.source {
+                Source::Oci(r) => self.explain_denied(r, &caller, e),
+                _ => e,
+            }),
         };
-        let grant = match &req.source {
-            Source::Oci(r) => self.grant_for(r, fetched.credential.as_ref()),
-            _ => Grant::Public,
-        };
-        let (mut rec, file) = self.check(&req, fetched)?;
+        self.observe_fetch(&req.source, started, &checked);
+        let (mut rec, file, grant) = checked?;
         let cache = match &previous {
             Some(p) if p.module == rec.module => CacheStatus::Revalidated,
             _ => CacheStatus::Miss,
@@ -597,18 +635,41 @@ impl Service {
             self.index.grant(&rec.source, &grant);
         }
         self.install(file, rec.clone()).await?;
-        tracing::info!(
-            source = %req.source,
-            digest = %rec.module,
-            bytes = rec.size,
-            ms = started.elapsed().as_millis() as u64,
-            "fetched module"
-        );
         Ok(Outcome {
             record: rec,
             cache,
             grant,
         })
+    }
+
+    /// One log line and the metrics of an upstream fetch.
+    fn observe_fetch<T>(
+        &self,
+        source: &Source,
+        started: std::time::Instant,
+        result: &Result<(Record, T, Grant)>,
+    ) {
+        let scheme = source.scheme();
+        let secs = started.elapsed().as_secs_f64();
+        let ms = started.elapsed().as_millis() as u64;
+        self.metrics
+            .upstream_seconds
+            .with_label_values(&[scheme])
+            .observe(secs);
+        let label = match result {
+            Ok((rec, _, _)) => {
+                tracing::info!(url = %source, result = "success", digest = %rec.module, bytes = rec.size, ms, "upstream fetch");
+                "success"
+            }
+            Err(e) => {
+                tracing::warn!(url = %source, result = e.code.as_str(), error = %e.message, ms, "upstream fetch");
+                e.code.as_str()
+            }
+        };
+        self.metrics
+            .upstream
+            .with_label_values(&[scheme, label])
+            .inc();
     }
 
     /// Checks the expected digests; the record to install and the module file.

@@ -1,0 +1,167 @@
+//! Prometheus metrics (`GET /metrics`), all prefixed `wasm_cache_`, in the classic text format.
+//! The admin `stats` command reads the same counters.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric of the daemon.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Where the metrics are registered.
+    registry: Registry,
+    /// Fetch requests by result: hit, miss, revalidated, error.
+    pub lookups: IntCounterVec,
+    /// Upstream fetches by scheme and result (success or an error code).
+    pub upstream: IntCounterVec,
+    /// Upstream fetch durations by scheme.
+    pub upstream_seconds: HistogramVec,
+    /// Module bytes sent to callers.
+    pub served_bytes: IntCounter,
+    /// Callers waiting on an upstream operation another caller started.
+    pub waiters: IntGauge,
+    /// Modules evicted to respect `max_size`.
+    pub evictions: IntCounter,
+    /// Modules removed by purges and the expiry sweep.
+    pub purged: IntCounter,
+    /// Blobs dropped because their bytes no longer matched their digest.
+    pub corrupt: IntCounter,
+    /// Cached modules (set at each scrape).
+    pub entries: IntGauge,
+    /// Bytes of cached modules (set at each scrape).
+    pub bytes: IntGauge,
+    /// Time to resolve a fetch request, cache hits included.
+    pub request_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let buckets = prometheus::exponential_buckets(0.005, 4.0, 9).expect("valid buckets");
+        let upstream_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "wasm_cache_upstream_fetch_duration_seconds",
+                "Duration of upstream fetches, by scheme.",
+            )
+            .buckets(buckets.clone()),
+            &["scheme"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(upstream_seconds.clone()))
+            .expect("unique metric");
+        let request_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "wasm_cache_request_duration_seconds",
+                "Duration of fetch requests, cache hits included.",
+            )
+            .buckets(buckets),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(request_seconds.clone()))
+            .expect("unique metric");
+        Metrics {
+            lookups: counter_vec(
+                "wasm_cache_lookups_total",
+                "Fetch requests by result (hit, miss, revalidated, error).",
+                &["result"],
+            ),
+            upstream: counter_vec(
+                "wasm_cache_upstream_fetches_total",
+                "Upstream fetches by scheme and result.",
+                &["scheme", "result"],
+            ),
+            upstream_seconds,
+            served_bytes: counter(
+                "wasm_cache_served_bytes_total",
+                "Module bytes sent to callers.",
+            ),
+            waiters: gauge(
+                "wasm_cache_singleflight_waiters",
+                "Requests waiting on an upstream operation started by another request.",
+            ),
+            evictions: counter(
+                "wasm_cache_evictions_total",
+                "Modules evicted to respect the cache size bound.",
+            ),
+            purged: counter(
+                "wasm_cache_purged_modules_total",
+                "Modules removed by purges and the expiry sweep.",
+            ),
+            corrupt: counter(
+                "wasm_cache_corrupt_blobs_total",
+                "Cached blobs dropped because their bytes no longer matched their digest.",
+            ),
+            entries: gauge("wasm_cache_entries", "Cached modules."),
+            bytes: gauge("wasm_cache_bytes", "Bytes of cached modules."),
+            request_seconds,
+            registry,
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The current value of `lookups{result}`.
+    pub fn lookups_of(&self, result: &str) -> u64 {
+        self.lookups.with_label_values(&[result]).get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prefixed_metrics() {
+        let m = Metrics::new();
+        m.lookups.with_label_values(&["hit"]).inc();
+        m.upstream.with_label_values(&["oci", "success"]).inc();
+        let text = m.render();
+        assert!(
+            text.contains("wasm_cache_lookups_total{result=\"hit\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wasm_cache_upstream_fetches_total{result=\"success\",scheme=\"oci\"} 1"),
+            "{text}"
+        );
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("wasm_cache_"), "{line}");
+        }
+    }
+}
