@@ -29,6 +29,15 @@ pub enum Command {
     },
     /// Ask the daemon for a module and print its answer (or write the module with -o).
     Fetch(FetchArgs),
+    /// Exit 0 when the daemon answers on its socket (for liveness/readiness probes).
+    Health {
+        /// The daemon's socket.
+        #[arg(long, conflicts_with = "config", env = "WASM_CACHE_SOCKET")]
+        socket: Option<PathBuf>,
+        /// Read the socket path from this config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// List cached modules (admin socket).
     Ls {
         /// Print JSON instead of a table.

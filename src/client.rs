@@ -96,6 +96,7 @@ pub async fn fetch(
             .map_err(|e| Error::internal("creating output", e))?,
     );
     let mut resp = resp;
+    let progress = progress_bar(resp.content_length());
     let mut n = 0u64;
     while let Some(chunk) = resp
         .chunk()
@@ -106,13 +107,45 @@ pub async fn fetch(
             .await
             .map_err(|e| Error::internal("writing output", e))?;
         n += chunk.len() as u64;
+        if let Some(p) = &progress {
+            p.set_position(n);
+        }
+    }
+    if let Some(p) = progress {
+        p.finish();
     }
     tokio::io::AsyncWriteExt::flush(&mut file)
         .await
         .map_err(|e| Error::internal("writing output", e))?;
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .map_err(|e| Error::internal("writing output", e))?;
     tmp.persist(out)
         .map_err(|e| Error::internal("writing output", e.error))?;
     Ok(FetchOutput::Written(n))
+}
+
+/// Modules at least this large get a progress bar (on a terminal).
+const PROGRESS_MIN_BYTES: u64 = 1 << 20;
+
+/// A progress bar on stderr for a large download, when stderr is a terminal.
+fn progress_bar(len: Option<u64>) -> Option<indicatif::ProgressBar> {
+    let len = len.filter(|l| *l >= PROGRESS_MIN_BYTES)?;
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(len),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    Some(bar)
 }
 
 /// GETs an admin path; the JSON answer.
@@ -150,4 +183,26 @@ pub async fn admin_post(
     resp.json()
         .await
         .map_err(|e| Error::internal("decoding answer", e))
+}
+
+/// `GET /healthz` on the proxies' socket, with a short timeout.
+pub async fn health(socket: &Path) -> Result<(), Error> {
+    let c = reqwest::Client::builder()
+        .unix_socket(socket)
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|e| Error::internal("building socket client", e))?;
+    let resp = c
+        .get("http://localhost/healthz")
+        .send()
+        .await
+        .map_err(|e| unreachable_daemon(socket, e))?;
+    if resp.status().is_success() {
+        Ok(())
+    } else {
+        Err(Error::new(
+            Code::Internal,
+            format!("daemon answered {}", resp.status()),
+        ))
+    }
 }

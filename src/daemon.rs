@@ -78,16 +78,47 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// Runs the daemon until a shutdown signal.
+/// A socket inherited from systemd (`LISTEN_FDS`, index `idx`), or `None`.
+fn inherited(fds: &mut listenfd::ListenFd, idx: usize) -> Result<Option<UnixListener>, String> {
+    let Some(l) = fds
+        .take_unix_listener(idx)
+        .map_err(|e| format!("adopting inherited socket {idx}: {e}"))?
+    else {
+        return Ok(None);
+    };
+    l.set_nonblocking(true)
+        .map_err(|e| format!("adopting inherited socket {idx}: {e}"))?;
+    UnixListener::from_std(l)
+        .map(Some)
+        .map_err(|e| format!("adopting inherited socket {idx}: {e}"))
+}
+
+/// Runs the daemon until a shutdown signal. Sockets passed by systemd socket activation
+/// (`LISTEN_FDS`: the proxies' socket first, optionally the admin socket second) are used
+/// instead of binding; readiness is reported with `sd_notify` when `NOTIFY_SOCKET` is set.
 pub async fn serve(config: Config) -> Result<(), String> {
     let service = build_service(&config).map_err(|e| e.to_string())?;
-    let listener = bind(&config.socket, config.socket_mode)
-        .map_err(|e| format!("binding {}: {e}", config.socket.display()))?;
-    let admin = bind(&config.admin_socket, 0o600)
-        .map_err(|e| format!("binding {}: {e}", config.admin_socket.display()))?;
+    let mut fds = listenfd::ListenFd::from_env();
+    let (listener, own_socket) = match inherited(&mut fds, 0)? {
+        Some(l) => (l, false),
+        None => (
+            bind(&config.socket, config.socket_mode)
+                .map_err(|e| format!("binding {}: {e}", config.socket.display()))?,
+            true,
+        ),
+    };
+    let (admin, own_admin) = match inherited(&mut fds, 1)? {
+        Some(l) => (l, false),
+        None => (
+            bind(&config.admin_socket, 0o600)
+                .map_err(|e| format!("binding {}: {e}", config.admin_socket.display()))?,
+            true,
+        ),
+    };
     tracing::info!(
         socket = %config.socket.display(),
         admin_socket = %config.admin_socket.display(),
+        socket_activated = !own_socket,
         "listening"
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -127,7 +158,11 @@ pub async fn serve(config: Config) -> Result<(), String> {
         }
     };
     let admin_server = tokio::spawn(crate::admin::run(admin, service.clone(), stopped(stop_rx)));
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "sd_notify READY failed");
+    }
     shutdown_signal().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     let r1 = proxies.await;
     let r2 = admin_server.await;
@@ -139,8 +174,13 @@ pub async fn serve(config: Config) -> Result<(), String> {
     if let Err(e) = service.index().persist().await {
         tracing::warn!(error = %e, "writing the index at shutdown failed");
     }
-    let _ = std::fs::remove_file(&config.socket);
-    let _ = std::fs::remove_file(&config.admin_socket);
+    // Sockets systemd passed in stay: systemd owns them.
+    if own_socket {
+        let _ = std::fs::remove_file(&config.socket);
+    }
+    if own_admin {
+        let _ = std::fs::remove_file(&config.admin_socket);
+    }
     for r in [r1, r2] {
         match r {
             Ok(Ok(())) => {}

@@ -48,6 +48,28 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Health { socket, config } => {
+            let socket = match socket {
+                Some(s) => s,
+                None => match Config::load(config.as_deref()) {
+                    Ok(c) => c.socket,
+                    Err(e) => {
+                        eprintln!("wasm-cache: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            match client::health(&socket).await {
+                Ok(()) => {
+                    println!("ok");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("unhealthy: {}", e.message);
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Ls { json, admin } => {
             admin_command(&admin, json, |s| async move {
                 let v = client::admin_get(&s, "/v1/admin/modules").await?;

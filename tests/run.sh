@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh Debian/Ubuntu machine with a Rust toolchain:
-# installs the real test dependencies (CNCF distribution's docker-registry, curl, openssl) when they are
-# missing, then checks formatting and lints and runs every test.
+# The whole test suite, from a fresh Debian/Ubuntu machine with a Rust toolchain.
+# Installs the real test dependencies when they are missing:
+#   docker-registry (CNCF distribution), curl, openssl (test CA), prometheus (promtool),
+#   systemd (systemd-analyze, systemd-socket-activate), and, in a virtualenv under target/,
+#   kubernetes-validate (which brings PyYAML);
+# then checks formatting and lints and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+sudo_cmd=()
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
 
 need=()
 command -v docker-registry >/dev/null 2>&1 || [ -x /usr/bin/docker-registry ] || need+=(docker-registry)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 && command -v systemd-socket-activate >/dev/null 2>&1 || need+=(systemd)
+command -v script >/dev/null 2>&1 || need+=(bsdutils)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing test dependencies: ${need[*]}"
-  sudo_cmd=()
-  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
   export DEBIAN_FRONTEND=noninteractive
   "${sudo_cmd[@]}" apt-get update -qq
-  # Keep the package's own service from starting: the tests run their own registries on
-  # loopback with their own configs.
+  # Keep the packages' own services (a registry on :5000, prometheus on :9090) from
+  # starting: the tests run their own, on loopback, with their own configs.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | "${sudo_cmd[@]}" tee /usr/sbin/policy-rc.d >/dev/null
     "${sudo_cmd[@]}" chmod +x /usr/sbin/policy-rc.d
@@ -24,6 +32,14 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+venv=target/test-venv
+if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  echo "installing kubernetes-validate into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate
+fi
+export WASM_CACHE_TEST_VENV="$PWD/$venv"
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -871,6 +871,8 @@ pub struct Daemon {
     child: Option<Child>,
     /// Directory prepended to PATH.
     path_prepend: Option<PathBuf>,
+    /// Extra environment.
+    env: Vec<(String, String)>,
     /// Temp dir holding all of the above.
     pub dir: Arc<tempfile::TempDir>,
 }
@@ -890,6 +892,8 @@ pub struct DaemonOpts {
     pub fetch: Option<String>,
     /// Directory prepended to the daemon's PATH (for credential helpers).
     pub path_prepend: Option<PathBuf>,
+    /// Extra environment variables for the daemon.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -929,6 +933,7 @@ impl Daemon {
         .unwrap();
         let log = dir.path().join("daemon.log");
         let mut d = Daemon {
+            env: opts.env.clone(),
             admin_socket,
             path_prepend: opts.path_prepend.clone(),
             socket,
@@ -964,6 +969,7 @@ impl Daemon {
                     None => std::env::var("PATH").unwrap_or_default(),
                 },
             )
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
@@ -1211,4 +1217,24 @@ impl HttpServer {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
+}
+
+/// A tool from the test virtualenv that `tests/run.sh` makes (kubernetes-validate, python
+/// with PyYAML).
+pub fn venv_bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("WASM_CACHE_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"));
+    let p = dir.join("bin").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run tests/run.sh, which installs it",
+        p.display()
+    );
+    p
+}
+
+/// The repository root.
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
 }

@@ -9,3 +9,4 @@ mod auth;
 mod http_file;
 mod oci;
 mod registry_access;
+mod ship;
