@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tokio::net::UnixListener;
 
 use crate::digest::Digest;
-use crate::error::{Code, Error};
+use crate::error::Error;
 use crate::lifecycle::Selector;
 use crate::server::ApiError;
 use crate::service::Service;
@@ -77,9 +77,7 @@ pub fn router(service: Service) -> Router {
         .route("/v1/admin/purge", post(purge))
         .route("/v1/admin/stats", get(stats))
         .route("/healthz", get(|| async { "ok\n" }))
-        .fallback(|| async {
-            ApiError(Error::new(Code::NotFound, "no such endpoint")).into_response()
-        })
+        .fallback(crate::server::no_such_endpoint)
         .with_state(service)
 }
 
@@ -89,9 +87,7 @@ pub async fn run(
     service: Service,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(service))
-        .with_graceful_shutdown(shutdown)
-        .await
+    crate::server::serve_unix(listener, router(service), shutdown).await
 }
 
 async fn list(State(s): State<Service>) -> impl IntoResponse {

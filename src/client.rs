@@ -148,32 +148,19 @@ fn progress_bar(len: Option<u64>) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-/// GETs an admin path; the JSON answer.
-pub async fn admin_get(socket: &Path, path: &str) -> Result<serde_json::Value, Error> {
-    let c = client(socket)?;
-    let resp = c
-        .get(format!("http://localhost{path}"))
-        .send()
-        .await
-        .map_err(|e| unreachable_daemon(socket, e))?;
-    if !resp.status().is_success() {
-        return Err(api_error(resp).await);
-    }
-    resp.json()
-        .await
-        .map_err(|e| Error::internal("decoding answer", e))
-}
-
-/// POSTs JSON to an admin path; the JSON answer.
-pub async fn admin_post(
+/// Sends an admin request (a GET, or a POST of `body`); the JSON answer.
+pub async fn admin(
     socket: &Path,
     path: &str,
-    body: &serde_json::Value,
+    body: Option<&serde_json::Value>,
 ) -> Result<serde_json::Value, Error> {
     let c = client(socket)?;
-    let resp = c
-        .post(format!("http://localhost{path}"))
-        .json(body)
+    let url = format!("http://localhost{path}");
+    let req = match body {
+        None => c.get(url),
+        Some(b) => c.post(url).json(b),
+    };
+    let resp = req
         .send()
         .await
         .map_err(|e| unreachable_daemon(socket, e))?;

@@ -72,7 +72,7 @@ async fn main() -> ExitCode {
         }
         Command::Ls { json, admin } => {
             admin_command(&admin, json, |s| async move {
-                let v = client::admin_get(&s, "/v1/admin/modules").await?;
+                let v = client::admin(&s, "/v1/admin/modules", None).await?;
                 let modules: Vec<wasm_cache::index::ModuleInfo> =
                     serde_json::from_value(v["modules"].clone()).map_err(decode)?;
                 Ok((v, wasm_cache::report::modules_table(&modules)))
@@ -81,7 +81,7 @@ async fn main() -> ExitCode {
         }
         Command::Stats { json, admin } => {
             admin_command(&admin, json, |s| async move {
-                let v = client::admin_get(&s, "/v1/admin/stats").await?;
+                let v = client::admin(&s, "/v1/admin/stats", None).await?;
                 let r = serde_json::from_value(v.clone()).map_err(decode)?;
                 Ok((v, wasm_cache::report::stats_text(&r)))
             })
@@ -97,7 +97,7 @@ async fn main() -> ExitCode {
             };
             admin_command(&p.admin, p.json, |s| async move {
                 let body = serde_json::to_value(&body).map_err(decode)?;
-                let v = client::admin_post(&s, "/v1/admin/purge", &body).await?;
+                let v = client::admin(&s, "/v1/admin/purge", Some(&body)).await?;
                 let r = serde_json::from_value(v.clone()).map_err(decode)?;
                 Ok((v, wasm_cache::report::purge_summary(&r)))
             })

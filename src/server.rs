@@ -134,20 +134,32 @@ pub fn router(service: Service) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ready\n" }))
         .route("/metrics", get(metrics))
-        .fallback(|| async {
-            ApiError(Error::new(Code::NotFound, "no such endpoint")).into_response()
-        })
+        .fallback(no_such_endpoint)
         .with_state(service)
 }
 
-/// Serves the API on an already-bound listener until `shutdown` completes, then finishes
-/// the requests in flight.
+/// The answer for an unknown path.
+pub async fn no_such_endpoint() -> Response {
+    ApiError(Error::new(Code::NotFound, "no such endpoint")).into_response()
+}
+
+/// Serves the proxies' API on an already-bound listener until `shutdown` completes, then
+/// finishes the requests in flight.
 pub async fn run(
     listener: UnixListener,
     service: Service,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(service))
+    serve_unix(listener, router(service), shutdown).await
+}
+
+/// Serves `app` on a unix listener until `shutdown` completes.
+pub async fn serve_unix(
+    listener: UnixListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::io::AsyncReadExt;
 
-use super::{Fetched, unpack::TarEntry, unwrap_and_validate};
+use super::{Fetched, plain_module};
 use crate::error::{Code, Error, Result};
 use crate::store::Store;
 
@@ -75,21 +75,6 @@ impl FileFetcher {
             }
             w.write(&buf[..n]).await?;
         }
-        let (file, digest, size) = unwrap_and_validate(
-            &self.store,
-            w.finish().await?,
-            self.max_size,
-            TarEntry::First,
-            false,
-        )
-        .await?;
-        Ok(Fetched {
-            file,
-            digest,
-            size,
-            image_digest: None,
-            index_digest: None,
-            credential: None,
-        })
+        plain_module(&self.store, w.finish().await?, self.max_size).await
     }
 }

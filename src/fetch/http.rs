@@ -6,7 +6,7 @@ use futures_util::StreamExt;
 use reqwest::{Client, Url};
 
 use super::client::{Attempt, send, status_error, transport_error, with_retries};
-use super::{Fetched, unpack::TarEntry, unwrap_and_validate};
+use super::{Fetched, plain_module};
 use crate::config::{Config, FetchSettings};
 use crate::error::Result;
 use crate::netguard::NetGuard;
@@ -54,22 +54,7 @@ impl HttpFetcher {
             Ok(w.finish().await?)
         })
         .await?;
-        let (file, digest, size) = unwrap_and_validate(
-            &self.store,
-            downloaded,
-            self.max_size,
-            TarEntry::First,
-            false,
-        )
-        .await?;
-        Ok(Fetched {
-            file,
-            digest,
-            size,
-            image_digest: None,
-            index_digest: None,
-            credential: None,
-        })
+        plain_module(&self.store, downloaded, self.max_size).await
     }
 }
 

@@ -139,6 +139,25 @@ impl Fetchers {
     }
 }
 
+/// Unwraps (gzip, tar: first regular file) and validates a download from an http or file
+/// source, which has no manifest and needs no credential.
+pub async fn plain_module(
+    store: &Store,
+    downloaded: (NamedTempFile, Digest, u64),
+    max_size: u64,
+) -> Result<Fetched> {
+    let (file, digest, size) =
+        unwrap_and_validate(store, downloaded, max_size, unpack::TarEntry::First, false).await?;
+    Ok(Fetched {
+        file,
+        digest,
+        size,
+        image_digest: None,
+        index_digest: None,
+        credential: None,
+    })
+}
+
 /// Validates a module file as Wasm (off the async runtime).
 pub async fn validate(file: &NamedTempFile) -> Result<()> {
     let path = file.path().to_path_buf();

@@ -120,6 +120,26 @@ pub fn pki() -> &'static Pki {
     })
 }
 
+/// Serves `app` on `bind` from a thread with its own runtime (tests' runtimes come and go);
+/// the bound address.
+pub fn serve_on_thread(bind: &str, app: axum::Router) -> SocketAddr {
+    let listener = TcpListener::bind(bind).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    addr
+}
+
 /// A free port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -333,23 +353,10 @@ impl TokenServer {
             key,
             x5c: base64::engine::general_purpose::STANDARD.encode(der),
         });
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let st = Arc::clone(&state);
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = axum::Router::new()
-                    .route("/token", axum::routing::get(issue_token))
-                    .with_state(st);
-                axum::serve(listener, app).await.unwrap();
-            });
-        });
+        let app = axum::Router::new()
+            .route("/token", axum::routing::get(issue_token))
+            .with_state(Arc::clone(&state));
+        let addr = serve_on_thread("127.0.0.1:0", app);
         TokenServer {
             realm: format!("http://{addr}/token"),
             state,
@@ -494,22 +501,10 @@ impl CountingProxy {
             faults: Mutex::new(Vec::new()),
             client: reqwest::Client::builder().no_proxy().build().unwrap(),
         });
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let st = Arc::clone(&state);
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = axum::Router::new().fallback(forward).with_state(st);
-                axum::serve(listener, app).await.unwrap();
-            });
-        });
+        let app = axum::Router::new()
+            .fallback(forward)
+            .with_state(Arc::clone(&state));
+        let addr = serve_on_thread("127.0.0.1:0", app).to_string();
         CountingProxy { addr, state }
     }
 
@@ -1149,62 +1144,49 @@ impl HttpServer {
             .collect();
         let routes = Arc::new(routes);
         let counts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-        let listener = TcpListener::bind(bind).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let c = Arc::clone(&counts);
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = axum::Router::new().fallback(move |req: Request| {
-                    let routes = Arc::clone(&routes);
-                    let c = Arc::clone(&c);
-                    async move {
-                        let path = req.uri().path().to_string();
-                        let n = {
-                            let mut m = c.lock().unwrap();
-                            let e = m.entry(path.clone()).or_default();
-                            *e += 1;
-                            *e
-                        };
-                        let resp = |s: u16, b: Vec<u8>| {
-                            Response::builder().status(s).body(Body::from(b)).unwrap()
-                        };
-                        match routes.get(&path) {
-                            None => resp(404, b"no such file".to_vec()),
-                            Some(Route::Bytes(b)) => resp(200, b.clone()),
-                            Some(Route::FailFirst(k, s, b)) if n <= *k => {
-                                let _ = b;
-                                resp(*s, b"try again".to_vec())
-                            }
-                            Some(Route::FailFirst(_, _, b)) => resp(200, b.clone()),
-                            Some(Route::Stall(n)) => {
-                                let first = vec![0u8; *n];
-                                let stream = futures_util::stream::once(async move {
-                                    Ok::<_, std::io::Error>(axum::body::Bytes::from(first))
-                                })
-                                .chain(futures_util::stream::pending());
-                                Response::builder()
-                                    .status(200)
-                                    .header("content-length", (n * 4).to_string())
-                                    .body(Body::from_stream(stream))
-                                    .unwrap()
-                            }
-                            Some(Route::Redirect(to)) => Response::builder()
-                                .status(302)
-                                .header("location", to)
-                                .body(Body::empty())
-                                .unwrap(),
-                        }
+        let app = axum::Router::new().fallback(move |req: Request| {
+            let routes = Arc::clone(&routes);
+            let c = Arc::clone(&c);
+            async move {
+                let path = req.uri().path().to_string();
+                let n = {
+                    let mut m = c.lock().unwrap();
+                    let e = m.entry(path.clone()).or_default();
+                    *e += 1;
+                    *e
+                };
+                let resp =
+                    |s: u16, b: Vec<u8>| Response::builder().status(s).body(Body::from(b)).unwrap();
+                match routes.get(&path) {
+                    None => resp(404, b"no such file".to_vec()),
+                    Some(Route::Bytes(b)) => resp(200, b.clone()),
+                    Some(Route::FailFirst(k, s, b)) if n <= *k => {
+                        let _ = b;
+                        resp(*s, b"try again".to_vec())
                     }
-                });
-                axum::serve(listener, app).await.unwrap();
-            });
+                    Some(Route::FailFirst(_, _, b)) => resp(200, b.clone()),
+                    Some(Route::Stall(n)) => {
+                        let first = vec![0u8; *n];
+                        let stream = futures_util::stream::once(async move {
+                            Ok::<_, std::io::Error>(axum::body::Bytes::from(first))
+                        })
+                        .chain(futures_util::stream::pending());
+                        Response::builder()
+                            .status(200)
+                            .header("content-length", (n * 4).to_string())
+                            .body(Body::from_stream(stream))
+                            .unwrap()
+                    }
+                    Some(Route::Redirect(to)) => Response::builder()
+                        .status(302)
+                        .header("location", to)
+                        .body(Body::empty())
+                        .unwrap(),
+                }
+            }
         });
+        let addr = serve_on_thread(bind, app);
         HttpServer { addr, counts }
     }
 
