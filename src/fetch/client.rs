@@ -102,6 +102,8 @@ pub fn transport_error(url: &str, e: reqwest::Error) -> Attempt {
             retry: true,
         };
     }
+    // The url (which may carry user:password) is in the message already, redacted.
+    let e = e.without_url();
     let mut detail = e.to_string();
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {

@@ -294,6 +294,10 @@ async fn json_logs_have_one_line_per_upstream_fetch() {
     d.fetch_ok(json!({"url": url})).await;
     d.fetch_ok(json!({"url": url})).await;
     let log = d.log_text();
+    assert!(
+        !log.contains("hunter2"),
+        "credentials in a url are never logged"
+    );
     let mut fetch_lines = Vec::new();
     for line in log.lines() {
         let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
