@@ -530,3 +530,42 @@ async fn node_credentials_and_credential_helpers() {
     );
     assert_secret_nowhere(&on, PASSWORD);
 }
+
+#[tokio::test]
+async fn bearer_tokens_are_cached_per_credential() {
+    let t = token_registry();
+    t.tokens.set_user("hank", "hank-pw", &["tokens/cached"]);
+    t.tokens.set_user("ivy", "ivy-pw", &["tokens/cached"]);
+    let m = wasm_module("token-cache", 10);
+    push_solo(
+        &Pusher::with_token(&t.registry, "tokens/cached"),
+        "tokens/cached",
+        "v1",
+        &m,
+    )
+    .await;
+    let d = Daemon::start(DaemonOpts::default());
+    let url = format!("{}/tokens/cached:v1", t.proxy.addr);
+    let secret = |u: &str, p: &str| docker_config(&[(&t.proxy.addr, u, p)]);
+    let req =
+        |u: &str, p: &str| json!({"url": url, "pullPolicy": "Always", "pullSecret": secret(u, p)});
+    assert_eq!(d.fetch_ok(req("hank", "hank-pw")).await["cache"], "miss");
+    let tokens = t.tokens.requests();
+    let heads = t.proxy.count("HEAD /v2/tokens/cached/manifests/v1");
+    // Always without a resource version: the tag is checked again, with hank's cached token.
+    assert_eq!(
+        d.fetch_ok(req("hank", "hank-pw")).await["cache"],
+        "revalidated"
+    );
+    assert_eq!(
+        t.proxy.count("HEAD /v2/tokens/cached/manifests/v1"),
+        heads + 1
+    );
+    assert_eq!(t.tokens.requests(), tokens, "hank's token is reused");
+    // Ivy never gets hank's token: she asks the token service herself.
+    assert_eq!(
+        d.fetch_ok(req("ivy", "ivy-pw")).await["cache"],
+        "revalidated"
+    );
+    assert_eq!(t.tokens.requests(), tokens + 1);
+}
