@@ -185,6 +185,10 @@ impl OciFetcher {
     async fn session(&self, r: &OciRef, cred: Option<&Credential>) -> Result<Session<'_>> {
         let host = r.api_host().to_string();
         let insecure = self.insecure_registries.matches(&r.registry);
+        // Before any connection, the scheme probe included.
+        let probe = Url::parse(&format!("https://{host}/v2/"))
+            .map_err(|e| Error::invalid(format!("invalid registry {host}: {e}")))?;
+        self.guard.check_url(&probe)?;
         let scheme = if insecure {
             self.probe_scheme(&host).await
         } else {
