@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)]
 //! Throughput and latency of the daemon over its unix socket, and its memory.
 //!
 //! `cargo bench --bench socket` starts a release `wasm-cache serve` in a temp dir and

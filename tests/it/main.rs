@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods)]
 //! Integration tests: a real `docker-registry`, real HTTP servers and files, a real
 //! `wasm-cache serve` process, driven over its unix socket by reqwest, curl and the CLI.
 
