@@ -4,8 +4,11 @@
 //!
 //! One request flows top to bottom through these modules:
 //!
-//! - [`server`]: the socket API (axum on a unix listener), JSON in and out, errors as codes.
-//! - [`service`]: the one place that decides (pull policy, cache hit, singleflight).
+//! - [`server`]: the proxies' socket API (axum on a unix listener), JSON in and out, errors
+//!   as codes; [`admin`]: the admin socket API (list, purge, stats).
+//! - [`service`]: the one place that decides (pull policy, tenant access, singleflight).
+//! - [`lifecycle`]: purges, expiry sweep, LRU eviction, blob integrity; [`metrics`]:
+//!   Prometheus counters.
 //! - [`policy`]: the pull-policy rules as a pure function.
 //! - [`source`]: parsing urls and OCI references.
 //! - [`fetch`]: the fetchers (`oci`, `http`, `file`), gzip/tar unwrapping, retries.
@@ -13,9 +16,11 @@
 //! - [`verify`]: Wasm validation; [`digest`]: sha256 parsing and hashing.
 //! - [`store`]: content-addressed blobs with crash-safe writes; [`index`]: what each
 //!   location resolved to, persisted.
-//! - [`auth`]: secrets that never print.
+//! - [`auth`]: pull secrets and node credentials, secrets that never print, credential ids
+//!   and module-url tokens (HMACs under the node key).
 //! - [`config`]: the TOML file parsed once into validated settings.
-//! - [`daemon`]: socket binding, startup and shutdown; [`cli`] and [`client`]: the command line.
+//! - [`daemon`]: socket binding (or systemd socket activation), startup and shutdown;
+//!   [`cli`], [`client`] and [`report`]: the command line and its output.
 //! - [`error`]: the error type and its stable wire codes.
 
 pub mod admin;
