@@ -1,7 +1,7 @@
 //! The one error type a request can end in, and its stable wire code.
 //!
 //! Every leaf (parsing, fetching, storing) returns an [`Error`]; the server maps it to an HTTP
-//! status and `{"error": {"code", "message"}}` in exactly one place ([`Error::status`]).
+//! status and `{"error": {"code", "message"}}` in exactly one place ([`Code::status`]).
 //! Messages name the url, registry and status that failed, never a credential.
 
 use std::fmt;
