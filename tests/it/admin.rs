@@ -211,7 +211,7 @@ async fn purge_by_untagged_oci_url_takes_every_tag() {
 async fn unused_modules_expire_and_used_ones_stay() {
     let (srv, ms) = modules("expiry", 2, 10);
     let d = Daemon::start(DaemonOpts {
-        tables: "[cache]\nunused_expiry = \"600ms\"\npurge_interval = \"100ms\"\n".into(),
+        tables: "[cache]\nunused_expiry = \"1s\"\npurge_interval = \"100ms\"\n".into(),
         ..Default::default()
     });
     let kept = d.fetch_ok(json!({"url": srv.url("/0.wasm")})).await;
