@@ -32,6 +32,9 @@ pub struct Record {
     /// OCI: digest of the image index the manifest was picked from, when there was one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_digest: Option<Digest>,
+    /// http(s): the server's `ETag`, sent as `If-None-Match` when re-checking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
     /// When the module was downloaded (unix seconds).
     pub fetched_at: u64,
     /// When the location was last checked upstream (unix seconds).
@@ -314,6 +317,18 @@ impl Index {
         removed
     }
 
+    /// Forgets credential verifications made before `before_ms` (they no longer count).
+    pub fn prune_verified(&self, before_ms: u64) -> usize {
+        let mut st = self.lock();
+        let mut n = 0;
+        for a in st.access.values_mut() {
+            let len = a.verified.len();
+            a.verified.retain(|_, at| *at >= before_ms);
+            n += len - a.verified.len();
+        }
+        n
+    }
+
     /// All records (a snapshot).
     pub fn records(&self) -> Vec<Record> {
         self.lock().records.values().cloned().collect()
@@ -395,10 +410,29 @@ mod tests {
             size: 1,
             image_digest: Some(Digest::of(b"manifest")),
             index_digest: None,
+            etag: None,
             fetched_at: 1,
             resolved_at: 1,
             versions: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn prunes_only_old_verifications() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let index = Index::load(&store).unwrap();
+        index.grant("oci://r/x", &Grant::Credential("old".into()));
+        let cutoff = now_millis() + 1;
+        index.grant("oci://r/x", &Grant::Public);
+        assert_eq!(index.prune_verified(cutoff), 1);
+        assert!(index.access("oci://r/x").verified.is_empty());
+        assert!(
+            index.access("oci://r/x").public,
+            "public access is not a verification"
+        );
+        index.grant("oci://r/x", &Grant::Credential("new".into()));
+        assert_eq!(index.prune_verified(cutoff - 1000), 0);
     }
 
     #[tokio::test]

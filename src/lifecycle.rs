@@ -229,9 +229,16 @@ impl Service {
         self.remove(&victims).await
     }
 
-    /// The periodic sweep: removes modules unused for longer than `unused_expiry` and
-    /// writes last-use times to disk.
+    /// The periodic sweep: removes modules unused for longer than `unused_expiry`, forgets
+    /// credential verifications past their TTL, and writes last-use times to disk.
     pub async fn sweep(&self) -> Result<()> {
+        if let crate::config::VerifyPolicy::Ttl(ttl) = self.auth.verify {
+            let before = now_millis().saturating_sub(ttl.as_millis() as u64);
+            let n = self.index.prune_verified(before);
+            if n > 0 {
+                tracing::debug!(n, "forgot expired credential verifications");
+            }
+        }
         if let Some(expiry) = self.cache.unused_expiry {
             let r = self
                 .purge(&Selector::UnusedForMs(expiry.as_millis() as u64), false)

@@ -111,7 +111,7 @@ pub struct Service {
     /// Key for credential ids and module tokens.
     key: NodeKey,
     /// Node credentials and re-verification policy.
-    auth: AuthSettings,
+    pub(crate) auth: AuthSettings,
     /// Expiry, size bound and integrity settings.
     pub(crate) cache: CacheSettings,
     /// Prometheus metrics, also read by `stats`.
@@ -604,11 +604,33 @@ impl Service {
             fetch_source = Source::Oci(pinned);
         }
         let started = std::time::Instant::now();
-        let checked = match self
-            .fetchers
-            .fetch(&fetch_source, &self.index, &caller.credentials())
-            .await
-        {
+        let fetched = match (&previous, &req.source) {
+            // An http(s) module with a validator: a conditional GET; 304 means unchanged.
+            (Some(prev), Source::Http(url)) if prev.etag.is_some() => {
+                let etag = prev.etag.as_deref().unwrap_or_default();
+                match self.fetchers.fetch_http_if_changed(url, etag).await {
+                    Ok(None) => {
+                        let mut rec = prev.clone();
+                        rec.resolved_at = now_secs();
+                        note_version(&mut rec, &req);
+                        self.index.put(rec.clone()).await?;
+                        return Ok(Outcome {
+                            record: rec,
+                            cache: CacheStatus::Revalidated,
+                            grant: Grant::Public,
+                        });
+                    }
+                    Ok(Some(f)) => Ok(f),
+                    Err(e) => Err(e),
+                }
+            }
+            _ => {
+                self.fetchers
+                    .fetch(&fetch_source, &self.index, &caller.credentials())
+                    .await
+            }
+        };
+        let checked = match fetched {
             Ok(f) => {
                 let grant = match &req.source {
                     Source::Oci(r) => self.grant_for(r, f.credential.as_ref()),
@@ -682,6 +704,7 @@ impl Service {
             size: f.size,
             image_digest: f.image_digest,
             index_digest: f.index_digest,
+            etag: f.etag.clone(),
             fetched_at: now,
             resolved_at: now,
             versions: Default::default(),

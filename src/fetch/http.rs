@@ -8,7 +8,7 @@ use reqwest::{Client, Url};
 use super::client::{Attempt, send, status_error, transport_error, with_retries};
 use super::{Fetched, plain_module};
 use crate::config::{Config, FetchSettings};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::netguard::NetGuard;
 use crate::source::redact;
 use crate::store::{BlobWriter, Store};
@@ -42,19 +42,44 @@ impl HttpFetcher {
 
     /// Downloads `url`, unwraps it and validates the module.
     pub async fn fetch(&self, url: &Url) -> Result<Fetched> {
+        self.fetch_if_changed(url, None)
+            .await?
+            .ok_or_else(|| Error::internal("fetching", "304 without a validator"))
+    }
+
+    /// Downloads `url` unless the server answers `304 Not Modified` to `If-None-Match:
+    /// etag` (`Ok(None)`). The result carries the response's `ETag` for the next check.
+    pub async fn fetch_if_changed(&self, url: &Url, etag: Option<&str>) -> Result<Option<Fetched>> {
         self.guard.check_url(url)?;
         let shown = redact(url.as_str());
         let downloaded = with_retries(&self.settings, || async {
-            let resp = send(self.client.get(url.clone()), url.as_str()).await?;
+            let mut req = self.client.get(url.clone());
+            if let Some(tag) = etag {
+                req = req.header(reqwest::header::IF_NONE_MATCH, tag);
+            }
+            let resp = send(req, url.as_str()).await?;
+            if etag.is_some() && resp.status() == reqwest::StatusCode::NOT_MODIFIED {
+                return Ok(None);
+            }
             if !resp.status().is_success() {
                 return Err(status_error(&shown, resp.status()));
             }
+            let new_tag = resp
+                .headers()
+                .get(reqwest::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             let mut w = self.store.writer(self.max_size, &shown)?;
             download(resp, &mut w, url.as_str()).await?;
-            Ok(w.finish().await?)
+            Ok(Some((w.finish().await?, new_tag)))
         })
         .await?;
-        plain_module(&self.store, downloaded, self.max_size).await
+        let Some((downloaded, new_tag)) = downloaded else {
+            return Ok(None);
+        };
+        let mut f = plain_module(&self.store, downloaded, self.max_size).await?;
+        f.etag = new_tag;
+        Ok(Some(f))
     }
 }
 

@@ -38,6 +38,8 @@ pub struct Fetched {
     /// OCI: the credential the registry accepted; `None` when it served anonymously (and for
     /// http and file sources).
     pub credential: Option<Credential>,
+    /// http(s): the response's `ETag`, for a conditional re-check.
+    pub etag: Option<String>,
 }
 
 /// All fetchers, built once from config.
@@ -109,6 +111,17 @@ impl Fetchers {
             .await
     }
 
+    /// Downloads an http(s) module unless it is unchanged since `etag` (`Ok(None)`).
+    pub async fn fetch_http_if_changed(
+        &self,
+        url: &reqwest::Url,
+        etag: &str,
+    ) -> Result<Option<Fetched>> {
+        let source = Source::Http(url.clone());
+        self.bounded(&source, self.http.fetch_if_changed(url, Some(etag)))
+            .await
+    }
+
     /// Checks with the registry that `creds` (anonymous when empty) may read manifest
     /// `digest` of `r`'s repository; the credential it accepted.
     pub async fn verify_oci(
@@ -155,6 +168,7 @@ pub async fn plain_module(
         image_digest: None,
         index_digest: None,
         credential: None,
+        etag: None,
     })
 }
 

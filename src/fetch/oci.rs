@@ -344,6 +344,7 @@ impl OciFetcher {
                         image_digest: Some(digest),
                         index_digest,
                         credential: s.cred,
+                        etag: None,
                     });
                 }
                 other => {

@@ -1120,8 +1120,10 @@ pub struct HttpServer {
 /// One route of [`HttpServer`].
 #[derive(Clone)]
 pub enum Route {
-    /// 200 with these bytes.
+    /// 200 with these bytes (with an ETag, honouring If-None-Match).
     Bytes(Vec<u8>),
+    /// Like `Bytes`, with content the test may replace.
+    Mutable(Arc<Mutex<Vec<u8>>>),
     /// `status` for the first `n` requests, then 200 with the bytes.
     FailFirst(usize, u16, Vec<u8>),
     /// 302 to this url.
@@ -1158,9 +1160,32 @@ impl HttpServer {
                 };
                 let resp =
                     |s: u16, b: Vec<u8>| Response::builder().status(s).body(Body::from(b)).unwrap();
+                let if_none_match = req
+                    .headers()
+                    .get("if-none-match")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
                 match routes.get(&path) {
                     None => resp(404, b"no such file".to_vec()),
-                    Some(Route::Bytes(b)) => resp(200, b.clone()),
+                    // Static files carry an ETag and honour If-None-Match, as web servers do.
+                    Some(route @ (Route::Bytes(_) | Route::Mutable(_))) => {
+                        let b = match route {
+                            Route::Mutable(m) => m.lock().unwrap().clone(),
+                            Route::Bytes(b) => b.clone(),
+                            _ => unreachable!(),
+                        };
+                        let b = &b;
+                        let etag = format!("\"{}\"", sha(b));
+                        if if_none_match.as_deref() == Some(etag.as_str()) {
+                            *c.lock().unwrap().entry(format!("304 {path}")).or_default() += 1;
+                            return Response::builder().status(304).body(Body::empty()).unwrap();
+                        }
+                        Response::builder()
+                            .status(200)
+                            .header("etag", etag)
+                            .body(Body::from(b.clone()))
+                            .unwrap()
+                    }
                     Some(Route::FailFirst(k, s, b)) if n <= *k => {
                         let _ = b;
                         resp(*s, b"try again".to_vec())
@@ -1188,6 +1213,11 @@ impl HttpServer {
         });
         let addr = serve_on_thread(bind, app);
         HttpServer { addr, counts }
+    }
+
+    /// Requests for `path` answered `304 Not Modified`.
+    pub fn not_modified(&self, path: &str) -> usize {
+        self.count(&format!("304 {path}"))
     }
 
     /// Requests seen for `path`.

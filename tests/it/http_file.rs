@@ -33,6 +33,11 @@ async fn http_plain_gzip_tar_and_tar_gz() {
         .await;
     assert_eq!(a["cache"], "revalidated");
     assert_eq!(srv.count("/plain.wasm"), 2);
+    assert_eq!(
+        srv.not_modified("/plain.wasm"),
+        1,
+        "the re-check is a conditional GET"
+    );
 }
 
 #[tokio::test]
@@ -185,4 +190,26 @@ async fn file_roots_traversal_and_symlinks() {
             .await,
         (404, "not_found".into())
     );
+}
+
+#[tokio::test]
+async fn http_always_rechecks_with_the_etag_and_fetches_changed_content() {
+    let v1 = wasm_module("etag-1", 10);
+    let v2 = wasm_module("etag-2", 10);
+    let content = std::sync::Arc::new(std::sync::Mutex::new(v1.clone()));
+    let srv = HttpServer::start(vec![("/m.wasm", Route::Mutable(content.clone()))]);
+    let d = Daemon::start(DaemonOpts::default());
+    let req = |v: &str| json!({"url": srv.url("/m.wasm"), "pullPolicy": "Always", "resourceName": "ns/p", "resourceVersion": v});
+    assert_eq!(d.fetch_ok(req("1")).await["cache"], "miss");
+    assert_eq!(d.fetch_ok(req("1")).await["cache"], "hit");
+    let a = d.fetch_ok(req("2")).await;
+    assert_eq!(
+        (a["cache"].as_str(), srv.not_modified("/m.wasm")),
+        (Some("revalidated"), 1)
+    );
+    *content.lock().unwrap() = v2.clone();
+    let a = d.fetch_ok(req("3")).await;
+    assert_eq!(a["cache"], "miss");
+    assert_eq!(a["digest"], sha(&v2));
+    assert_eq!(srv.count("/m.wasm"), 3, "one request per resource version");
 }
