@@ -569,3 +569,35 @@ async fn bearer_tokens_are_cached_per_credential() {
     );
     assert_eq!(t.tokens.requests(), tokens + 1);
 }
+
+#[tokio::test]
+async fn a_token_the_registry_rejects_is_refreshed() {
+    let t = token_registry();
+    t.tokens.set_user("jane", "jane-pw", &["tokens/refresh"]);
+    let m = wasm_module("token-refresh", 10);
+    push_solo(
+        &Pusher::with_token(&t.registry, "tokens/refresh"),
+        "tokens/refresh",
+        "v1",
+        &m,
+    )
+    .await;
+    let d = Daemon::start(DaemonOpts::default());
+    let url = format!("{}/tokens/refresh:v1", t.proxy.addr);
+    let req = json!({"url": url, "pullPolicy": "Always", "pullSecret": docker_config(&[(&t.proxy.addr, "jane", "jane-pw")])});
+    // The token the daemon caches claims 300 s, but the registry stops accepting it soon.
+    t.tokens.next_token_short_lived();
+    assert_eq!(d.fetch_ok(req.clone()).await["cache"], "miss");
+    let issued = t.tokens.requests();
+    let mut refreshed = false;
+    for _ in 0..100 {
+        // Every request succeeds: a 401 for the cached token makes the daemon get a new one.
+        assert_eq!(d.fetch_ok(req.clone()).await["cache"], "revalidated");
+        if t.tokens.requests() > issued {
+            refreshed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(refreshed, "the rejected token was never refreshed");
+}

@@ -328,6 +328,9 @@ struct TokenState {
     public: Mutex<Vec<String>>,
     /// Token requests answered (any outcome).
     requests: Mutex<usize>,
+    /// The next token expires (for the registry, past its 60 s leeway) within seconds,
+    /// although the answer says it lasts 300 s.
+    short_next: Mutex<bool>,
     /// Signing key.
     key: jsonwebtoken::EncodingKey,
     /// x5c header value (the signing certificate, DER, base64).
@@ -350,6 +353,7 @@ impl TokenServer {
             users: Mutex::default(),
             public: Mutex::default(),
             requests: Mutex::new(0),
+            short_next: Mutex::new(false),
             key,
             x5c: base64::engine::general_purpose::STANDARD.encode(der),
         });
@@ -382,6 +386,11 @@ impl TokenServer {
     /// Lets anyone pull `repo`.
     pub fn make_public(&self, repo: &str) {
         self.state.public.lock().unwrap().push(repo.to_string());
+    }
+
+    /// Makes the next token one the registry stops accepting a few seconds from now.
+    pub fn next_token_short_lived(&self) {
+        *self.state.short_next.lock().unwrap() = true;
     }
 
     /// Token requests so far.
@@ -448,13 +457,19 @@ async fn issue_token(
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
+    // distribution accepts tokens up to 60 s past `exp`: 57 s ago leaves about 3 s.
+    let exp = if std::mem::take(&mut *st.short_next.lock().unwrap()) {
+        now - 57
+    } else {
+        now + 300
+    };
     let claims = serde_json::json!({
         "iss": TOKEN_ISSUER,
         "sub": user.clone().unwrap_or_default(),
         "aud": q.get("service").cloned().unwrap_or_default(),
-        "exp": now + 300,
-        "nbf": now - 10,
-        "iat": now,
+        "exp": exp,
+        "nbf": now - 120,
+        "iat": now - 120,
         "jti": format!("{now}-{}", *st.requests.lock().unwrap()),
         "access": access,
     });
