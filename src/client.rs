@@ -30,6 +30,18 @@ fn unreachable_daemon(socket: &Path, e: reqwest::Error) -> Error {
     )
 }
 
+/// Sends a request to the daemon; a non-success answer becomes its decoded error.
+async fn send(socket: &Path, req: reqwest::RequestBuilder) -> Result<reqwest::Response, Error> {
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| unreachable_daemon(socket, e))?;
+    if !resp.status().is_success() {
+        return Err(api_error(resp).await);
+    }
+    Ok(resp)
+}
+
 /// Decodes an error answer.
 async fn api_error(resp: reqwest::Response) -> Error {
     let status = resp.status();
@@ -67,13 +79,7 @@ pub async fn fetch(
     if output.is_some() {
         req = req.header(ACCEPT, "application/wasm");
     }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| unreachable_daemon(socket, e))?;
-    if !resp.status().is_success() {
-        return Err(api_error(resp).await);
-    }
+    let resp = send(socket, req).await?;
     let Some(out) = output else {
         let v: serde_json::Value = resp
             .json()
@@ -160,36 +166,17 @@ pub async fn admin(
         None => c.get(url),
         Some(b) => c.post(url).json(b),
     };
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| unreachable_daemon(socket, e))?;
-    if !resp.status().is_success() {
-        return Err(api_error(resp).await);
-    }
-    resp.json()
+    send(socket, req)
+        .await?
+        .json()
         .await
         .map_err(|e| Error::internal("decoding answer", e))
 }
 
 /// `GET /healthz` on the proxies' socket, with a short timeout.
 pub async fn health(socket: &Path) -> Result<(), Error> {
-    let c = reqwest::Client::builder()
-        .unix_socket(socket)
-        .timeout(std::time::Duration::from_secs(5))
-        .build()
-        .map_err(|e| Error::internal("building socket client", e))?;
-    let resp = c
+    let req = client(socket)?
         .get("http://localhost/healthz")
-        .send()
-        .await
-        .map_err(|e| unreachable_daemon(socket, e))?;
-    if resp.status().is_success() {
-        Ok(())
-    } else {
-        Err(Error::new(
-            Code::Internal,
-            format!("daemon answered {}", resp.status()),
-        ))
-    }
+        .timeout(std::time::Duration::from_secs(5));
+    send(socket, req).await.map(drop)
 }

@@ -250,15 +250,20 @@ impl Index {
         a.verified.len() != before
     }
 
-    /// True when some record serving `module` comes from a source anyone may read: a public
-    /// OCI repository, or an http/file url.
-    pub fn module_is_public(&self, module: &Digest) -> bool {
+    /// `None` when no record serves `module`; else whether some record serving it comes
+    /// from a source anyone may read (a public OCI repository, or an http/file url). One pass.
+    pub fn module_public(&self, module: &Digest) -> Option<bool> {
         let st = self.lock();
-        st.records.values().any(|r| {
-            r.module == *module
-                && (!r.source.starts_with("oci://")
-                    || st.access.get(&r.source).is_some_and(|a| a.public))
-        })
+        let mut found = None;
+        for r in st.records.values().filter(|r| r.module == *module) {
+            let public = !r.source.starts_with("oci://")
+                || st.access.get(&r.source).is_some_and(|a| a.public);
+            if public {
+                return Some(true);
+            }
+            found = Some(false);
+        }
+        found
     }
 
     /// The newest time credential `id` was accepted for a source holding `module`.
@@ -332,11 +337,6 @@ impl Index {
     /// All records (a snapshot).
     pub fn records(&self) -> Vec<Record> {
         self.lock().records.values().cloned().collect()
-    }
-
-    /// True when any record serves `module`.
-    pub fn has_module(&self, module: &Digest) -> bool {
-        self.lock().records.values().any(|r| r.module == *module)
     }
 
     /// A record of `source` whose module, manifest or index digest is every one of `digests`.

@@ -121,6 +121,8 @@ pub struct Service {
     pub(crate) cache_lock: Arc<tokio::sync::Mutex<()>>,
     /// Blobs re-hashed (or written) since this process started.
     pub(crate) intact: Arc<Mutex<HashSet<Digest>>>,
+    /// The parsed node credentials file and the modification time it was read at.
+    node_config: Arc<Mutex<Option<(std::time::SystemTime, DockerConfig)>>>,
 }
 
 impl KnownBlobs for Index {
@@ -150,6 +152,7 @@ impl Service {
             metrics: Arc::new(Metrics::new()),
             cache_lock: Arc::new(tokio::sync::Mutex::new(())),
             intact: Arc::new(Mutex::new(HashSet::new())),
+            node_config: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -167,7 +170,7 @@ impl Service {
     /// a credential id and token for private ones.
     pub fn module_url(&self, module: &Digest, grant: &Grant) -> String {
         match grant {
-            Grant::Credential(id) if !self.index.module_is_public(module) => format!(
+            Grant::Credential(id) if self.index.module_public(module) != Some(true) => format!(
                 "/v1/modules/{module}?cred={id}&token={}",
                 self.key.module_token(module, id)
             ),
@@ -183,14 +186,15 @@ impl Service {
         cred: Option<&str>,
         token: Option<&str>,
     ) -> Result<()> {
-        if !self.index.has_module(module) {
-            return Err(Error::new(
-                Code::NotPresent,
-                format!("module {module} is not in the cache"),
-            ));
-        }
-        if self.index.module_is_public(module) {
-            return Ok(());
+        match self.index.module_public(module) {
+            None => {
+                return Err(Error::new(
+                    Code::NotPresent,
+                    format!("module {module} is not in the cache"),
+                ));
+            }
+            Some(true) => return Ok(()),
+            Some(false) => {}
         }
         let denied = |why: &str| {
             Error::new(
@@ -314,19 +318,8 @@ impl Service {
         let Some(path) = &self.auth.docker_config else {
             return Vec::new();
         };
-        let text = match tokio::fs::read_to_string(path).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read [auth] docker_config");
-                return Vec::new();
-            }
-        };
-        let cfg = match DockerConfig::parse(&Secret::new(text)) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e.message, "ignoring [auth] docker_config");
-                return Vec::new();
-            }
+        let Some(cfg) = self.node_config(path).await else {
+            return Vec::new();
         };
         let creds = cfg.matching(&r.registry, &r.repository);
         if !creds.is_empty() || !self.auth.allow_credential_helpers {
@@ -347,6 +340,38 @@ impl Service {
                 }
             },
             None => Vec::new(),
+        }
+    }
+
+    /// The node credentials file, parsed; re-read only when its modification time changes
+    /// (it is consulted on every OCI request without a pull secret, cache hits included).
+    async fn node_config(&self, path: &std::path::Path) -> Option<DockerConfig> {
+        let mtime = match tokio::fs::metadata(path).await.and_then(|m| m.modified()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read [auth] docker_config");
+                return None;
+            }
+        };
+        if let Some((at, cfg)) = &*self.node_config.lock().unwrap_or_else(|p| p.into_inner())
+            && *at == mtime
+        {
+            return Some(cfg.clone());
+        }
+        let parsed = match tokio::fs::read_to_string(path).await {
+            Ok(text) => DockerConfig::parse(&Secret::new(text)),
+            Err(e) => Err(Error::internal("reading", e)),
+        };
+        match parsed {
+            Ok(cfg) => {
+                *self.node_config.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((mtime, cfg.clone()));
+                Some(cfg)
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e.message, "ignoring [auth] docker_config");
+                None
+            }
         }
     }
 
@@ -587,16 +612,7 @@ impl Service {
             let grant = self.grant_for(r, resolved.credential.as_ref());
             self.index.grant(&prev.source, &grant);
             if resolved.value == prev.top_digest() {
-                let mut rec = prev.clone();
-                rec.resolved_at = now_secs();
-                note_version(&mut rec, &req);
-                self.index.put(rec.clone()).await?;
-                tracing::info!(source = %req.source, digest = %rec.module, "revalidated: unchanged upstream");
-                return Ok(Outcome {
-                    record: rec,
-                    cache: CacheStatus::Revalidated,
-                    grant,
-                });
+                return self.unchanged(prev, &req, grant).await;
             }
             // Fetch exactly what the tag points at now.
             let mut pinned = r.clone();
@@ -609,17 +625,7 @@ impl Service {
             (Some(prev), Source::Http(url)) if prev.etag.is_some() => {
                 let etag = prev.etag.as_deref().unwrap_or_default();
                 match self.fetchers.fetch_http_if_changed(url, etag).await {
-                    Ok(None) => {
-                        let mut rec = prev.clone();
-                        rec.resolved_at = now_secs();
-                        note_version(&mut rec, &req);
-                        self.index.put(rec.clone()).await?;
-                        return Ok(Outcome {
-                            record: rec,
-                            cache: CacheStatus::Revalidated,
-                            grant: Grant::Public,
-                        });
-                    }
+                    Ok(None) => return self.unchanged(prev, &req, Grant::Public).await,
                     Ok(Some(f)) => Ok(f),
                     Err(e) => Err(e),
                 }
@@ -660,6 +666,20 @@ impl Service {
         Ok(Outcome {
             record: rec,
             cache,
+            grant,
+        })
+    }
+
+    /// Upstream says `prev` is still current: record the check and serve it.
+    async fn unchanged(&self, prev: &Record, req: &FetchRequest, grant: Grant) -> Result<Outcome> {
+        let mut rec = prev.clone();
+        rec.resolved_at = now_secs();
+        note_version(&mut rec, req);
+        self.index.put(rec.clone()).await?;
+        tracing::info!(source = %req.source, digest = %rec.module, "revalidated: unchanged upstream");
+        Ok(Outcome {
+            record: rec,
+            cache: CacheStatus::Revalidated,
             grant,
         })
     }

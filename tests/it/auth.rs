@@ -238,13 +238,15 @@ async fn token_auth_tenants_get_hits_only_for_what_the_registry_grants_them() {
     assert_eq!((t.proxy.count(""), t.tokens.requests()), (regs, toks));
 
     // Bob is a valid user without access to this repository: checked, refused.
+    let heads = t.proxy.count("HEAD /v2/tenants/private/manifests/");
     assert_eq!(
         d.fetch_err(json!({"url": url, "pullSecret": secret("bob", "bob-pw")}))
             .await,
         (403, "access_denied".into())
     );
+    // The challenge and the attempt with bob's token: the registry was asked, not the cache.
     assert!(
-        t.proxy.count("HEAD /v2/tenants/private/manifests/") > 0,
+        t.proxy.count("HEAD /v2/tenants/private/manifests/") > heads,
         "bob was checked against the registry"
     );
     // Carol has access: the registry confirms it once, then she gets hits.
