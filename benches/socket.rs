@@ -19,22 +19,7 @@ const HITS_PER_CLIENT: usize = 100;
 const GETS_PER_CLIENT: usize = 5;
 
 fn module(size: usize) -> Vec<u8> {
-    // \0asm, version 1, one custom section named "b" holding `size` bytes.
-    let mut body = vec![1u8, b'b'];
-    body.extend(std::iter::repeat_n(7u8, size));
-    let mut m = b"\0asm\x01\0\0\0\0".to_vec();
-    let mut n = body.len();
-    loop {
-        let b = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            m.push(b);
-            break;
-        }
-        m.push(b | 0x80);
-    }
-    m.extend(body);
-    m
+    wasm_cache::testkit::wasm_module("b", size)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -7,68 +7,12 @@ use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 use tokio::net::UnixListener;
 
-use crate::digest::Digest;
+use crate::api::{ModuleList, PurgeBody};
 use crate::error::Error;
-use crate::lifecycle::Selector;
 use crate::server::ApiError;
 use crate::service::Service;
-
-/// Body of `POST /v1/admin/purge`: exactly one selector.
-#[derive(Debug, Default, Deserialize, serde::Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PurgeBody {
-    /// Remove everything.
-    #[serde(default)]
-    pub all: bool,
-    /// Remove what this url maps to.
-    #[serde(default)]
-    pub url: Option<String>,
-    /// Remove this module.
-    #[serde(default)]
-    pub digest: Option<String>,
-    /// Remove modules unused for this long, e.g. "7d".
-    #[serde(default)]
-    pub unused_for: Option<String>,
-    /// Only report what would be removed.
-    #[serde(default)]
-    pub dry_run: bool,
-}
-
-impl PurgeBody {
-    /// The selector, when exactly one is given.
-    pub fn selector(&self) -> Result<Selector, Error> {
-        let mut chosen = Vec::new();
-        if self.all {
-            chosen.push(Selector::All);
-        }
-        if let Some(u) = &self.url {
-            chosen.push(Selector::Url(u.clone()));
-        }
-        if let Some(d) = &self.digest {
-            chosen.push(Selector::Digest(d.parse::<Digest>()?));
-        }
-        if let Some(u) = &self.unused_for {
-            let d = humantime::parse_duration(u).map_err(|e| {
-                Error::invalid(format!(
-                    "unusedFor {u:?} is not a duration like \"7d\": {e}"
-                ))
-            })?;
-            chosen.push(Selector::UnusedForMs(d.as_millis() as u64));
-        }
-        match chosen.len() {
-            1 => Ok(chosen.remove(0)),
-            0 => Err(Error::invalid(
-                "purge needs one of all, url, digest, unusedFor",
-            )),
-            _ => Err(Error::invalid(
-                "purge takes only one of all, url, digest, unusedFor",
-            )),
-        }
-    }
-}
 
 /// The router for the admin socket.
 pub fn router(service: Service) -> Router {
@@ -91,7 +35,7 @@ pub async fn run(
 }
 
 async fn list(State(s): State<Service>) -> impl IntoResponse {
-    Json(serde_json::json!({ "modules": s.list() }))
+    Json(ModuleList { modules: s.list() })
 }
 
 async fn stats(State(s): State<Service>) -> impl IntoResponse {

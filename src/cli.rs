@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::api::FetchBody;
+use crate::auth::Secret;
 use crate::config::{Config, ConfigError};
 
 /// Node-local cache of Wasm modules for service-mesh proxies.
@@ -157,27 +159,24 @@ impl FetchArgs {
         Ok(Config::load(self.config.as_deref())?.socket)
     }
 
-    /// The JSON body for `POST /v1/fetch`.
-    pub fn body(&self) -> Result<serde_json::Value, String> {
-        let mut body = serde_json::json!({ "url": self.url });
-        let obj = body.as_object_mut().expect("object");
-        let mut set = |k: &str, v: &Option<String>| {
-            if let Some(v) = v {
-                obj.insert(k.to_string(), serde_json::Value::String(v.clone()));
+    /// The body for `POST /v1/fetch`.
+    pub fn body(&self) -> Result<FetchBody, String> {
+        let pull_secret = match &self.pull_secret {
+            None => None,
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("reading pull secret {}: {e}", p.display()))?;
+                Some(Secret::new(text.trim()))
             }
         };
-        set("sha256", &self.sha256);
-        set("pullPolicy", &self.pull_policy);
-        set("resourceName", &self.resource_name);
-        set("resourceVersion", &self.resource_version);
-        if let Some(p) = &self.pull_secret {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| format!("reading pull secret {}: {e}", p.display()))?;
-            obj.insert(
-                "pullSecret".into(),
-                serde_json::Value::String(text.trim().to_string()),
-            );
-        }
-        Ok(body)
+        Ok(FetchBody {
+            url: self.url.clone(),
+            sha256: self.sha256.clone(),
+            pull_policy: self.pull_policy.clone(),
+            pull_secret,
+            resource_name: self.resource_name.clone(),
+            resource_version: self.resource_version.clone(),
+            plugin_name: None,
+        })
     }
 }

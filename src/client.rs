@@ -4,19 +4,24 @@ use std::path::Path;
 
 use reqwest::header::ACCEPT;
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::{ErrorBody, FetchBody, FetchResponse};
 use crate::error::{Code, Error};
-use crate::server::FetchResponse;
 
 /// What the daemon answered to a fetch.
 #[derive(Debug)]
 pub enum FetchOutput {
-    /// The JSON answer, as received.
-    Json(serde_json::Value),
+    /// The answer.
+    Answer(FetchResponse),
     /// The module was written to the requested file; its size.
     Written(u64),
 }
 
 fn client(socket: &Path) -> Result<reqwest::Client, Error> {
+    // The CLI talks only to the daemon's unix socket: no upstream, nothing to guard.
+    #[allow(clippy::disallowed_methods)]
     reqwest::Client::builder()
         .unix_socket(socket)
         .build()
@@ -46,17 +51,8 @@ async fn send(socket: &Path, req: reqwest::RequestBuilder) -> Result<reqwest::Re
 async fn api_error(resp: reqwest::Response) -> Error {
     let status = resp.status();
     let body = resp.bytes().await.unwrap_or_default();
-    #[derive(serde::Deserialize)]
-    struct Body {
-        error: Error2,
-    }
-    #[derive(serde::Deserialize)]
-    struct Error2 {
-        code: Code,
-        message: String,
-    }
-    match serde_json::from_slice::<Body>(&body) {
-        Ok(b) => Error::new(b.error.code, b.error.message),
+    match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(b) => b.into(),
         Err(_) => Error::new(
             Code::Internal,
             format!(
@@ -71,7 +67,7 @@ async fn api_error(resp: reqwest::Response) -> Error {
 /// (atomically: a temp file beside it, renamed when complete).
 pub async fn fetch(
     socket: &Path,
-    body: &serde_json::Value,
+    body: &FetchBody,
     output: Option<&Path>,
 ) -> Result<FetchOutput, Error> {
     let c = client(socket)?;
@@ -81,14 +77,11 @@ pub async fn fetch(
     }
     let resp = send(socket, req).await?;
     let Some(out) = output else {
-        let v: serde_json::Value = resp
+        let answer: FetchResponse = resp
             .json()
             .await
             .map_err(|e| Error::internal("decoding answer", e))?;
-        // Check the shape so a broken daemon is noticed here.
-        serde_json::from_value::<FetchResponse>(v.clone())
-            .map_err(|e| Error::internal("decoding answer", e))?;
-        return Ok(FetchOutput::Json(v));
+        return Ok(FetchOutput::Answer(answer));
     };
     let dir = out
         .parent()
@@ -154,12 +147,12 @@ fn progress_bar(len: Option<u64>) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-/// Sends an admin request (a GET, or a POST of `body`); the JSON answer.
-pub async fn admin(
+/// Sends an admin request (a GET, or a POST of `body`); the decoded answer.
+pub async fn admin<B: Serialize, T: DeserializeOwned>(
     socket: &Path,
     path: &str,
-    body: Option<&serde_json::Value>,
-) -> Result<serde_json::Value, Error> {
+    body: Option<&B>,
+) -> Result<T, Error> {
     let c = client(socket)?;
     let url = format!("http://localhost{path}");
     let req = match body {

@@ -217,10 +217,7 @@ impl InsecureRegistries {
         if self.hosts.iter().any(|h| h == registry) {
             return true;
         }
-        let host = match registry.rsplit_once(':') {
-            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => registry,
-        };
+        let (host, _) = crate::source::split_port(registry);
         let host = host.trim_start_matches('[').trim_end_matches(']');
         self.hosts.iter().any(|h| h == host)
             || host

@@ -7,10 +7,12 @@ use std::path::Path;
 use tokio::net::UnixListener;
 
 use crate::config::Config;
+use std::sync::Arc;
+
+use crate::cache::Cache;
 use crate::fetch::Fetchers;
-use crate::index::Index;
+use crate::metrics::Metrics;
 use crate::service::Service;
-use crate::store::Store;
 
 /// Binds the unix socket at `path` with `mode`, replacing a stale socket file but refusing
 /// to steal one that a live daemon still listens on.
@@ -43,20 +45,23 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Builds the service for `config`: opens the store and index (blocking work at start).
+/// Builds the service for `config`: opens the cache (blocking work at start).
 pub fn build_service(config: &Config) -> Result<Service, crate::error::Error> {
-    let store = Store::open(&config.cache_dir)?;
-    let index = Index::load(&store)?;
-    let fetchers = Fetchers::new(config, store.clone())?;
-    let key = crate::auth::NodeKey::load_or_create(&store)?;
-    tracing::info!(cache_dir = %config.cache_dir.display(), records = index.len(), "cache opened");
-    Ok(Service::new(
-        store,
-        index,
-        fetchers,
-        key,
-        config.auth.clone(),
+    let metrics = Arc::new(Metrics::new());
+    let cache = Cache::open(
+        &config.cache_dir,
         config.cache.clone(),
+        Arc::clone(&metrics),
+    )?;
+    let fetchers = Fetchers::new(config, cache.store().clone())?;
+    let key = crate::auth::NodeKey::load_or_create(cache.store())?;
+    tracing::info!(cache_dir = %config.cache_dir.display(), records = cache.index().len(), "cache opened");
+    Ok(Service::new(
+        cache,
+        Arc::new(fetchers),
+        key,
+        &config.auth,
+        metrics,
     ))
 }
 
@@ -97,7 +102,6 @@ fn inherited(fds: &mut listenfd::ListenFd, idx: usize) -> Result<Option<UnixList
 /// (`LISTEN_FDS`: the proxies' socket first, optionally the admin socket second) are used
 /// instead of binding; readiness is reported with `sd_notify` when `NOTIFY_SOCKET` is set.
 pub async fn serve(config: Config) -> Result<(), String> {
-    let service = build_service(&config).map_err(|e| e.to_string())?;
     let mut fds = listenfd::ListenFd::from_env();
     let (listener, own_socket) = match inherited(&mut fds, 0)? {
         Some(l) => (l, false),
@@ -115,6 +119,20 @@ pub async fn serve(config: Config) -> Result<(), String> {
             true,
         ),
     };
+    // The sockets first: a second daemon on the same socket is told so before it touches
+    // the cache that the first one holds.
+    let service = match build_service(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            if own_socket {
+                let _ = std::fs::remove_file(&config.socket);
+            }
+            if own_admin {
+                let _ = std::fs::remove_file(&config.admin_socket);
+            }
+            return Err(e.to_string());
+        }
+    };
     tracing::info!(
         socket = %config.socket.display(),
         admin_socket = %config.admin_socket.display(),
@@ -128,7 +146,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
     if config.cache.scan_at_start {
         let s = service.clone();
         tokio::spawn(async move {
-            if let Err(e) = s.scan().await {
+            if let Err(e) = s.cache().scan().await {
                 tracing::warn!(error = %e, "blob integrity scan failed");
             }
         });
@@ -171,7 +189,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
         let _ = m.await;
     }
     // Last-use times live in memory between sweeps.
-    if let Err(e) = service.index().persist().await {
+    if let Err(e) = service.cache().flush().await {
         tracing::warn!(error = %e, "writing the index at shutdown failed");
     }
     // Sockets systemd passed in stay: systemd owns them.

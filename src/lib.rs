@@ -24,7 +24,9 @@
 //! - [`error`]: the error type and its stable wire codes.
 
 pub mod admin;
+pub mod api;
 pub mod auth;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -32,14 +34,13 @@ pub mod daemon;
 pub mod digest;
 pub mod error;
 pub mod fetch;
-pub mod index;
-pub mod lifecycle;
 pub mod metrics;
 pub mod netguard;
 pub mod policy;
 pub mod report;
 pub mod server;
 pub mod service;
+pub mod singleflight;
 pub mod source;
-pub mod store;
+pub mod testkit;
 pub mod verify;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use wasm_cache::admin::PurgeBody;
+use wasm_cache::api::{ModuleList, PurgeBody, PurgeReport, StatsReport};
 use wasm_cache::cli::{AdminArgs, Cli, Command, LogFormat};
 use wasm_cache::client::{self, FetchOutput};
 use wasm_cache::config::Config;
@@ -72,18 +72,16 @@ async fn main() -> ExitCode {
         }
         Command::Ls { json, admin } => {
             admin_command(&admin, json, |s| async move {
-                let v = client::admin(&s, "/v1/admin/modules", None).await?;
-                let modules: Vec<wasm_cache::index::ModuleInfo> =
-                    serde_json::from_value(v["modules"].clone()).map_err(decode)?;
-                Ok((v, wasm_cache::report::modules_table(&modules)))
+                let list: ModuleList = client::admin(&s, "/v1/admin/modules", None::<&()>).await?;
+                let text = wasm_cache::report::modules_table(&list.modules);
+                Ok((to_json(&list), text))
             })
             .await
         }
         Command::Stats { json, admin } => {
             admin_command(&admin, json, |s| async move {
-                let v = client::admin(&s, "/v1/admin/stats", None).await?;
-                let r = serde_json::from_value(v.clone()).map_err(decode)?;
-                Ok((v, wasm_cache::report::stats_text(&r)))
+                let r: StatsReport = client::admin(&s, "/v1/admin/stats", None::<&()>).await?;
+                Ok((to_json(&r), wasm_cache::report::stats_text(&r)))
             })
             .await
         }
@@ -96,10 +94,8 @@ async fn main() -> ExitCode {
                 dry_run: p.dry_run,
             };
             admin_command(&p.admin, p.json, |s| async move {
-                let body = serde_json::to_value(&body).map_err(decode)?;
-                let v = client::admin(&s, "/v1/admin/purge", Some(&body)).await?;
-                let r = serde_json::from_value(v.clone()).map_err(decode)?;
-                Ok((v, wasm_cache::report::purge_summary(&r)))
+                let r: PurgeReport = client::admin(&s, "/v1/admin/purge", Some(&body)).await?;
+                Ok((to_json(&r), wasm_cache::report::purge_summary(&r)))
             })
             .await
         }
@@ -116,8 +112,8 @@ async fn main() -> ExitCode {
                 }
             };
             match client::fetch(&socket, &body, args.output.as_deref()).await {
-                Ok(FetchOutput::Json(v)) => {
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                Ok(FetchOutput::Answer(a)) => {
+                    println!("{}", to_json(&a));
                     ExitCode::SUCCESS
                 }
                 Ok(FetchOutput::Written(n)) => {
@@ -135,16 +131,16 @@ async fn main() -> ExitCode {
     }
 }
 
-fn decode(e: impl std::fmt::Display) -> wasm_cache::error::Error {
-    wasm_cache::error::Error::internal("decoding the daemon's answer", e)
+/// An answer as pretty JSON (what `--json` prints).
+fn to_json(v: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
 /// Runs an admin request and prints its JSON (with `--json`) or its text.
 async fn admin_command<F, Fut>(admin: &AdminArgs, json: bool, run: F) -> ExitCode
 where
     F: FnOnce(std::path::PathBuf) -> Fut,
-    Fut:
-        std::future::Future<Output = Result<(serde_json::Value, String), wasm_cache::error::Error>>,
+    Fut: std::future::Future<Output = Result<(String, String), wasm_cache::error::Error>>,
 {
     let socket = match admin.socket_path() {
         Ok(s) => s,
@@ -154,9 +150,9 @@ where
         }
     };
     match run(socket).await {
-        Ok((v, text)) => {
+        Ok((json_text, text)) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                println!("{json_text}");
             } else {
                 print!("{text}");
             }

@@ -2,8 +2,8 @@
 
 use std::fmt::Write as _;
 
-use crate::index::{ModuleInfo, now_millis};
-use crate::lifecycle::{PurgeReport, StatsReport};
+use crate::api::{ModuleInfo, PurgeReport, StatsReport};
+use crate::cache::index::now_millis;
 
 /// `1.5 MiB`-style sizes.
 pub fn bytes(n: u64) -> String {
@@ -50,7 +50,7 @@ pub fn modules_table(modules: &[ModuleInfo]) -> String {
             m.digest.to_string(),
             bytes(m.size),
             ago(m.last_used),
-            ago(Some(m.pulled_at.saturating_mul(1000))),
+            ago(Some(m.pulled_at)),
             if m.public { "public" } else { "private" },
             m.locations.join(", ")
         );

@@ -9,99 +9,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 use tokio_util::io::ReaderStream;
 
-use crate::auth::Secret;
+use crate::api::{ErrorBody, FetchBody, FetchResponse, ModuleQuery};
+use crate::cache::ModuleFile;
 use crate::digest::Digest;
 use crate::error::{Code, Error};
-use crate::policy::PullPolicy;
-use crate::service::{CacheStatus, FetchRequest, Outcome, Service};
-use crate::source::Source;
-
-/// Body of `POST /v1/fetch`, as WasmPlugin spells it.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct FetchBody {
-    /// The WasmPlugin `url`.
-    pub url: String,
-    /// Expected sha256 (module, manifest or index digest).
-    #[serde(default)]
-    pub sha256: Option<String>,
-    /// `imagePullPolicy`.
-    #[serde(default, alias = "imagePullPolicy")]
-    pub pull_policy: Option<String>,
-    /// `.dockerconfigjson` payload of the image pull secret.
-    #[serde(default)]
-    pub pull_secret: Option<Secret>,
-    /// Which plugin resource asks, e.g. `ns/name`.
-    #[serde(default)]
-    pub resource_name: Option<String>,
-    /// The plugin resource's version.
-    #[serde(default)]
-    pub resource_version: Option<String>,
-    /// The plugin's name, for logs only.
-    #[serde(default)]
-    pub plugin_name: Option<String>,
-}
-
-/// Answer of `POST /v1/fetch`.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FetchResponse {
-    /// `sha256:<hex>` of the module bytes.
-    pub digest: String,
-    /// Module size in bytes.
-    pub size: u64,
-    /// Path on this socket that serves the module.
-    pub module_url: String,
-    /// OCI: the manifest digest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image_digest: Option<String>,
-    /// `hit`, `miss` or `revalidated`.
-    pub cache: String,
-}
-
-impl FetchBody {
-    /// Validates the body into a request.
-    pub fn into_request(self) -> Result<FetchRequest, Error> {
-        let source = Source::parse(&self.url)?;
-        let sha256 = match self.sha256.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(s) => Some(s.parse::<Digest>()?),
-        };
-        let policy = match &self.pull_policy {
-            None => PullPolicy::Unspecified,
-            Some(p) => p.parse()?,
-        };
-        let clean = |s: Option<String>| s.map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
-        Ok(FetchRequest {
-            pull_secret: self.pull_secret.filter(|s| !s.expose().trim().is_empty()),
-            source,
-            sha256,
-            policy,
-            resource_name: clean(self.resource_name),
-            resource_version: clean(self.resource_version),
-        })
-    }
-}
-
-/// Error body.
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    /// `{code, message}`.
-    error: ErrorInner<'a>,
-}
-
-/// The inner error object.
-#[derive(Serialize)]
-struct ErrorInner<'a> {
-    /// Stable code.
-    code: &'a str,
-    /// Human message.
-    message: &'a str,
-}
+use crate::service::{FetchRequest, Outcome, Service};
 
 /// Wraps [`Error`] so handlers can return it.
 pub struct ApiError(pub Error);
@@ -116,13 +31,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status =
             StatusCode::from_u16(self.0.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = ErrorBody {
-            error: ErrorInner {
-                code: self.0.code.as_str(),
-                message: &self.0.message,
-            },
-        };
-        (status, Json(body)).into_response()
+        (status, Json(ErrorBody::from(&self.0))).into_response()
     }
 }
 
@@ -199,7 +108,7 @@ async fn fetch(
     let body: FetchBody = serde_json::from_slice(&body)
         .map_err(|e| Error::invalid(format!("invalid request body: {e}")))?;
     let plugin = body.plugin_name.clone().unwrap_or_default();
-    let req = body.into_request()?;
+    let req = FetchRequest::try_from(body)?;
     tracing::debug!(source = %req.source, plugin, "fetch request");
     let Outcome {
         record,
@@ -207,33 +116,17 @@ async fn fetch(
         grant,
     } = service.fetch(req).await?;
     if wants_wasm(&headers) {
-        return serve_blob(&service, &record.module, false).await;
+        let m = service.cache().open_module(&record.module).await?;
+        return Ok(module_response(&service, &record.module, m, false));
     }
-
-    let cache = match cache {
-        CacheStatus::Hit => "hit",
-        CacheStatus::Miss => "miss",
-        CacheStatus::Revalidated => "revalidated",
-    };
     Ok(Json(FetchResponse {
-        digest: record.module.to_string(),
+        digest: record.module,
         size: record.size,
         module_url: service.module_url(&record.module, &grant),
-        image_digest: record.image_digest.map(|d| d.to_string()),
-        cache: cache.to_string(),
+        image_digest: record.image_digest,
+        cache,
     })
     .into_response())
-}
-
-/// Query of `GET /v1/modules/...` for private modules.
-#[derive(Debug, Default, Deserialize)]
-pub struct ModuleQuery {
-    /// Credential id the token was issued for.
-    #[serde(default)]
-    pub cred: Option<String>,
-    /// HMAC token bound to the module and the credential.
-    #[serde(default)]
-    pub token: Option<String>,
 }
 
 async fn module(
@@ -243,32 +136,24 @@ async fn module(
     Query(q): Query<ModuleQuery>,
 ) -> Result<Response, ApiError> {
     let d: Digest = digest.parse()?;
-    service.check_module_access(&d, q.cred.as_deref(), q.token.as_deref())?;
-    if !service.ensure_intact(&d).await? {
-        return Err(Error::new(Code::NotPresent, format!("module {d} is not in the cache")).into());
-    }
-    let resp = serve_blob(&service, &d, method == axum::http::Method::HEAD).await?;
-    service.index().touch(&d);
-    Ok(resp)
+    let m = service
+        .open_module(&d, q.cred.as_deref(), q.token.as_deref())
+        .await?;
+    Ok(module_response(
+        &service,
+        &d,
+        m,
+        method == axum::http::Method::HEAD,
+    ))
 }
 
-async fn serve_blob(service: &Service, d: &Digest, head: bool) -> Result<Response, ApiError> {
-    let not_present = || Error::new(Code::NotPresent, format!("module {d} is not in the cache"));
-    let path = service.store().blob_path(d);
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_present().into()),
-        Err(e) => return Err(Error::internal("opening module", e).into()),
-    };
-    let len = file
-        .metadata()
-        .await
-        .map_err(|e| Error::internal("reading module", e))?
-        .len();
+/// The module's bytes (or, for `HEAD`, only its headers).
+fn module_response(service: &Service, d: &Digest, m: ModuleFile, head: bool) -> Response {
     let body = if head {
         Body::empty()
     } else {
-        service.count_served(len);
+        service.count_served(m.len);
+        let file = tokio::fs::File::from_std(m.file);
         Body::from_stream(ReaderStream::with_capacity(file, 64 * 1024))
     };
     let mut resp = Response::new(body);
@@ -277,9 +162,9 @@ async fn serve_blob(service: &Service, d: &Digest, head: bool) -> Result<Respons
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/wasm"),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.len));
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{d}\"")) {
         h.insert(header::ETAG, etag);
     }
-    Ok(resp)
+    resp
 }

@@ -14,6 +14,34 @@ use crate::error::{Code, Error, Result};
 /// Docker Hub's name in references, after normalisation.
 pub const DOCKER_HUB: &str = "docker.io";
 
+/// Other names of Docker Hub that registry names, pull-secret keys and node credentials use;
+/// each is the same registry as [`DOCKER_HUB`]. The one list of them.
+const DOCKER_HUB_ALIASES: &[&str] = &[
+    "index.docker.io",
+    "registry-1.docker.io",
+    "registry.hub.docker.com",
+];
+
+/// A registry host name with Docker Hub's aliases folded into [`DOCKER_HUB`] (lowercase).
+pub fn canonical_registry(host: &str) -> String {
+    let host = host.to_ascii_lowercase();
+    if DOCKER_HUB_ALIASES.contains(&host.as_str()) {
+        DOCKER_HUB.to_string()
+    } else {
+        host
+    }
+}
+
+/// Splits `host[:port]` into the host and the port, when the part after the last `:` is a
+/// non-empty run of digits (so an IPv6 literal in brackets keeps its colons). The one
+/// host:port parser.
+pub fn split_port(hostport: &str) -> (&str, Option<&str>) {
+    match hostport.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
+        _ => (hostport, None),
+    }
+}
+
 /// A parsed module location.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -189,10 +217,7 @@ impl OciRef {
             Some(_) => (DOCKER_HUB.to_string(), path.to_string()),
             None => (DOCKER_HUB.to_string(), format!("library/{path}")),
         };
-        let registry = match registry.as_str() {
-            "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB.to_string(),
-            _ => registry,
-        };
+        let registry = canonical_registry(&registry);
         if registry.is_empty() {
             return Err(bad("empty registry"));
         }

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::{Credential, Secret};
 use crate::error::{Code, Error, Result};
-use crate::source::DOCKER_HUB;
+use crate::source::{canonical_registry, split_port};
 
 /// One `auths` entry, parsed.
 #[derive(Clone)]
@@ -191,27 +191,13 @@ fn parse_key(key: &str) -> (String, Option<String>, String) {
             path.clear();
         }
     }
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty() => {
-            (h.to_ascii_lowercase(), Some(p.to_string()))
-        }
-        _ => (hostport.to_ascii_lowercase(), None),
-    };
-    let host = match host.as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
-            DOCKER_HUB.to_string()
-        }
-        _ => host,
-    };
-    (host, port, path)
+    let (host, port) = split_port(hostport);
+    (canonical_registry(host), port.map(str::to_string), path)
 }
 
 impl Entry {
     fn matches(&self, registry: &str, repository: &str) -> bool {
-        let (host, port) = match registry.rsplit_once(':') {
-            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, Some(p)),
-            _ => (registry, None),
-        };
+        let (host, port) = split_port(registry);
         if self.port.as_deref() != port {
             return false;
         }

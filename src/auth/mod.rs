@@ -8,6 +8,7 @@
 
 pub mod dockerconfig;
 pub mod helper;
+pub mod node;
 
 use std::fmt;
 use std::io::Read;
@@ -15,9 +16,9 @@ use std::io::Read;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::cache::store::Store;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::store::Store;
 
 /// A secret string. `Debug` and `Display` redact it.
 #[derive(Clone, PartialEq, Eq, serde::Deserialize)]

@@ -25,6 +25,8 @@ pub fn build_client(config: &Config, guard: &Arc<NetGuard>, insecure: bool) -> R
             Err(e) => attempt.error(crate::netguard::Denied(e.message)),
         }
     });
+    // The one constructor of upstream clients (clippy.toml bans the others).
+    #[allow(clippy::disallowed_methods)]
     let mut b = Client::builder()
         .user_agent(concat!("wasm-cache/", env!("CARGO_PKG_VERSION")))
         .no_proxy()

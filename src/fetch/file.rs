@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use tokio::io::AsyncReadExt;
 
 use super::{Fetched, plain_module};
+use crate::cache::store::Store;
 use crate::error::{Code, Error, Result};
-use crate::store::Store;
 
 /// Reads modules from allowed directories.
 #[derive(Debug)]

@@ -7,11 +7,11 @@ use reqwest::{Client, Url};
 
 use super::client::{Attempt, send, status_error, transport_error, with_retries};
 use super::{Fetched, plain_module};
+use crate::cache::store::{BlobWriter, Store};
 use crate::config::{Config, FetchSettings};
 use crate::error::{Error, Result};
 use crate::netguard::NetGuard;
 use crate::source::redact;
-use crate::store::{BlobWriter, Store};
 
 /// Downloads modules over HTTP(S).
 #[derive(Debug)]

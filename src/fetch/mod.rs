@@ -12,15 +12,17 @@ pub mod unpack;
 
 use std::sync::Arc;
 
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use tempfile::NamedTempFile;
 
 use crate::auth::Credential;
+use crate::cache::store::Store;
 use crate::config::Config;
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
 use crate::netguard::NetGuard;
 use crate::source::{OciRef, Source};
-use crate::store::Store;
 
 /// A fetched, verified module not yet in the store.
 #[derive(Debug)]
@@ -53,6 +55,79 @@ pub struct Fetchers {
     oci: oci::OciFetcher,
     /// Upper bound on a whole fetch, retries included.
     total_timeout: std::time::Duration,
+}
+
+/// What the request service needs from upstream: the seam its unit tests replace with an
+/// in-process fake. [`Fetchers`] is the real one. Every call is bounded by the fetch's
+/// `total_timeout`.
+pub trait Upstream: Send + Sync + std::fmt::Debug + 'static {
+    /// Fetches, unwraps and validates the module at `source`. For OCI, `creds` are tried in
+    /// order (anonymous when empty); `known` says which blobs this source served before.
+    fn fetch<'a>(
+        &'a self,
+        source: &'a Source,
+        known: &'a dyn KnownBlobs,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<Fetched>>;
+
+    /// The digest an OCI reference points at now, and the credential the registry accepted.
+    fn resolve<'a>(
+        &'a self,
+        r: &'a OciRef,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<oci::Authorized<Digest>>>;
+
+    /// Checks with the registry that `creds` (anonymous when empty) may read manifest
+    /// `digest` of `r`'s repository; the credential it accepted.
+    fn verify<'a>(
+        &'a self,
+        r: &'a OciRef,
+        digest: &'a Digest,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<Option<Credential>>>;
+
+    /// Downloads an http(s) module unless it is unchanged since `etag` (`Ok(None)`).
+    fn fetch_if_changed<'a>(
+        &'a self,
+        url: &'a reqwest::Url,
+        etag: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Fetched>>>;
+}
+
+impl Upstream for Fetchers {
+    fn fetch<'a>(
+        &'a self,
+        source: &'a Source,
+        known: &'a dyn KnownBlobs,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<Fetched>> {
+        Fetchers::fetch(self, source, known, creds).boxed()
+    }
+
+    fn resolve<'a>(
+        &'a self,
+        r: &'a OciRef,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<oci::Authorized<Digest>>> {
+        self.resolve_oci(r, creds).boxed()
+    }
+
+    fn verify<'a>(
+        &'a self,
+        r: &'a OciRef,
+        digest: &'a Digest,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<Option<Credential>>> {
+        self.verify_oci(r, digest, creds).boxed()
+    }
+
+    fn fetch_if_changed<'a>(
+        &'a self,
+        url: &'a reqwest::Url,
+        etag: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Fetched>>> {
+        self.fetch_http_if_changed(url, etag).boxed()
+    }
 }
 
 /// Which already-stored blobs a fetch may reuse instead of downloading: only those that this

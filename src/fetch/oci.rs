@@ -17,12 +17,12 @@ use serde::Deserialize;
 use super::client::{Attempt, send, status_error, transport_error, with_retries};
 use super::{Fetched, KnownBlobs, unpack::TarEntry, unwrap_and_validate};
 use crate::auth::Credential;
+use crate::cache::store::Store;
 use crate::config::{Config, FetchSettings};
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
 use crate::netguard::NetGuard;
 use crate::source::OciRef;
-use crate::store::Store;
 
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

@@ -7,9 +7,9 @@ use std::path::Path;
 use flate2::read::GzDecoder;
 use tempfile::NamedTempFile;
 
+use crate::cache::store::Store;
 use crate::digest::{Digest, Hasher};
 use crate::error::{Code, Error, Result};
-use crate::store::Store;
 
 /// Which tar entry holds the module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

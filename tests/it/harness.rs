@@ -22,30 +22,7 @@ pub fn sha(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-/// A valid Wasm module, unique per `name`, with `pad` extra bytes in a custom section.
-pub fn wasm_module(name: &str, pad: usize) -> Vec<u8> {
-    let mut body = Vec::new();
-    leb(&mut body, name.len());
-    body.extend_from_slice(name.as_bytes());
-    body.extend(std::iter::repeat_n(0x42u8, pad));
-    let mut m = b"\0asm\x01\0\0\0".to_vec();
-    m.push(0);
-    leb(&mut m, body.len());
-    m.extend(body);
-    m
-}
-
-fn leb(out: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let b = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
-    }
-}
+pub use wasm_cache::testkit::wasm_module;
 
 /// A gzip'd tar holding `files`.
 pub fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {

@@ -155,6 +155,14 @@ impl Store {
         sync_dir(&self.root)
     }
 
+    /// Renames the metadata file `from` to `to` (both in `cache_dir`) and fsyncs the
+    /// directory. Blocking.
+    pub fn rename_meta(&self, from: &str, to: &str) -> Result<()> {
+        let (a, b) = (self.root.join(from), self.root.join(to));
+        fs::rename(&a, &b).map_err(|e| io("renaming", &a, e))?;
+        sync_dir(&self.root)
+    }
+
     /// Reads the metadata file `name`, `None` when absent.
     pub fn read_meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let p = self.root.join(name);

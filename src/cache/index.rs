@@ -1,0 +1,806 @@
+//! The index: which module each location resolved to, who may read each source, and when
+//! each module was last served.
+//!
+//! Reads are served from memory (hits and module GETs never touch the disk). Every change
+//! goes through one of the methods below, which change memory under one lock and then write
+//! only the rows that changed to `cache_dir/index.redb` in one ACID transaction (redb:
+//! copy-on-write B-trees, fsynced on commit), so the cost of a change does not grow with the
+//! number of entries and a crash leaves the old state or the new one. A transaction writes
+//! the *current* in-memory value of each row it covers, so two changes that race can never
+//! leave disk older than memory.
+//!
+//! An `index.json` left by an earlier version is imported on first start and renamed to
+//! `index.json.migrated`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::store::Store;
+use crate::api::ModuleInfo;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+
+/// The database file under `cache_dir`.
+const DB_FILE: &str = "index.redb";
+/// The single-file index of versions before the database, migrated on first start.
+const LEGACY_FILE: &str = "index.json";
+
+/// Location -> JSON [`Record`].
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+/// Source key -> JSON [`Access`].
+const ACCESS: TableDefinition<&str, &[u8]> = TableDefinition::new("access");
+/// Module digest -> when it was last served (unix ms).
+const USED: TableDefinition<&str, u64> = TableDefinition::new("used");
+
+/// What one location (a url, or an OCI reference with its tag/digest) resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    /// The exact location, e.g. `oci://reg/repo:tag`; the index key.
+    pub location: String,
+    /// The source the bytes came from (`oci://reg/repo`, the http url, `file://path`).
+    pub source: String,
+    /// sha256 of the module bytes; the blob's name in the store.
+    pub module: Digest,
+    /// Module size in bytes.
+    pub size: u64,
+    /// OCI: digest of the image manifest the module came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<Digest>,
+    /// OCI: digest of the image index the manifest was picked from, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_digest: Option<Digest>,
+    /// http(s): the server's `ETag`, sent as `If-None-Match` when re-checking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// When the module was downloaded (unix ms).
+    pub fetched_at: u64,
+    /// When the location was last checked upstream (unix ms).
+    pub resolved_at: u64,
+    /// Per plugin resource name, the resource version this location was last resolved for
+    /// (drives `Always`).
+    #[serde(default)]
+    pub versions: BTreeMap<String, String>,
+}
+
+impl Record {
+    /// The digest the location itself points at: the index when there is one, else the
+    /// manifest, else (http/file) the module.
+    pub fn top_digest(&self) -> Digest {
+        self.index_digest
+            .or(self.image_digest)
+            .unwrap_or(self.module)
+    }
+
+    /// True when `d` names this record's module, manifest or index.
+    pub fn answers_to(&self, d: &Digest) -> bool {
+        self.module == *d || self.image_digest == Some(*d) || self.index_digest == Some(*d)
+    }
+
+    /// True when the source is an OCI repository (whose access is checked per caller).
+    pub fn is_oci(&self) -> bool {
+        self.source.starts_with("oci://")
+    }
+}
+
+/// Who may read what a source (an OCI repository) holds, as the registry confirmed it.
+/// Credentials appear only as ids (HMACs under the node key), never in clear.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Access {
+    /// The registry served this source anonymously: anyone may have its modules.
+    #[serde(default)]
+    pub public: bool,
+    /// Credential ids the registry accepted for this source, with when (unix milliseconds).
+    #[serde(default)]
+    pub verified: BTreeMap<String, u64>,
+}
+
+/// What the registry confirmed for a caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    /// Anonymous access works: the source is public.
+    Public,
+    /// This credential id was accepted.
+    Credential(String),
+}
+
+/// Everything the index holds, behind one lock.
+#[derive(Debug, Default)]
+struct State {
+    /// Records by location.
+    records: BTreeMap<String, Record>,
+    /// Access by source key.
+    access: BTreeMap<String, Access>,
+    /// When each module was last served (unix ms).
+    used: BTreeMap<Digest, u64>,
+    /// Modules whose use time changed since it was last written.
+    used_dirty: BTreeSet<Digest>,
+}
+
+/// The rows one change touched; the transaction writes their current values.
+#[derive(Debug, Default)]
+struct Rows {
+    /// Record locations.
+    records: Vec<String>,
+    /// Access source keys.
+    access: Vec<String>,
+}
+
+/// The index: memory for reads, redb for durability. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Index {
+    /// Records, access and use times.
+    state: Arc<Mutex<State>>,
+    /// The database; its write transactions are serialised by redb itself.
+    db: Arc<Database>,
+}
+
+/// Milliseconds since the unix epoch.
+pub fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn db_err(e: impl Into<redb::Error>) -> Error {
+    Error::internal("cache index database", e.into())
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::internal(&format!("decoding index {what} {key:?}"), e))
+}
+
+/// The index file of earlier versions (times in unix seconds).
+#[derive(Debug, Deserialize)]
+struct LegacyFile {
+    /// All records.
+    #[serde(default)]
+    records: Vec<Record>,
+    /// Access per source key.
+    #[serde(default)]
+    access: BTreeMap<String, Access>,
+    /// When each module was last served (unix milliseconds).
+    #[serde(default)]
+    used: BTreeMap<Digest, u64>,
+}
+
+impl Index {
+    /// Opens (creating or migrating) the index of `store`, drops records whose blob is
+    /// missing and removes blobs no record points to. Blocking.
+    ///
+    /// A database that cannot be opened is an error: the daemon does not start, and no blob
+    /// is touched (a damaged index must never cost the cache).
+    pub fn open(store: &Store) -> Result<Index> {
+        let path = store.root().join(DB_FILE);
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => Error::internal(
+                &format!("opening {}", path.display()),
+                "another wasm-cache process is using this cache_dir",
+            ),
+            e => db_err(e),
+        })?;
+        let index = Index {
+            state: Arc::new(Mutex::new(State::default())),
+            db: Arc::new(db),
+        };
+        index.create_tables()?;
+        index.migrate_legacy(store)?;
+        index.load()?;
+        index.drop_missing(store)?;
+        Ok(index)
+    }
+
+    fn create_tables(&self) -> Result<()> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(RECORDS).map_err(db_err)?;
+        tx.open_table(ACCESS).map_err(db_err)?;
+        tx.open_table(USED).map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Imports `index.json` (earlier versions) in one transaction, then renames it.
+    fn migrate_legacy(&self, store: &Store) -> Result<()> {
+        let Some(bytes) = store.read_meta(LEGACY_FILE)? else {
+            return Ok(());
+        };
+        let file: LegacyFile = match serde_json::from_slice(&bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                // Kept for an operator to look at; the blobs it described are kept too,
+                // since nothing points at them until a record does.
+                tracing::error!(error = %e, "index.json from an earlier version is unreadable; not migrated");
+                return Ok(());
+            }
+        };
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut records = tx.open_table(RECORDS).map_err(db_err)?;
+            for mut r in file.records.iter().cloned() {
+                // index.json kept seconds; the database keeps milliseconds.
+                r.fetched_at = r.fetched_at.saturating_mul(1000);
+                r.resolved_at = r.resolved_at.saturating_mul(1000);
+                let json = serde_json::to_vec(&r).map_err(|e| Error::internal("encoding", e))?;
+                records
+                    .insert(r.location.as_str(), json.as_slice())
+                    .map_err(db_err)?;
+            }
+            let mut access = tx.open_table(ACCESS).map_err(db_err)?;
+            for (k, a) in &file.access {
+                let json = serde_json::to_vec(a).map_err(|e| Error::internal("encoding", e))?;
+                access.insert(k.as_str(), json.as_slice()).map_err(db_err)?;
+            }
+            let mut used = tx.open_table(USED).map_err(db_err)?;
+            for (d, at) in &file.used {
+                used.insert(d.to_string().as_str(), *at).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)?;
+        store.rename_meta(LEGACY_FILE, &format!("{LEGACY_FILE}.migrated"))?;
+        tracing::info!(
+            records = file.records.len(),
+            "migrated index.json into the index database"
+        );
+        Ok(())
+    }
+
+    fn load(&self) -> Result<()> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let mut st = State::default();
+        for row in tx
+            .open_table(RECORDS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            let r: Record = decode("record", k.value(), v.value())?;
+            st.records.insert(k.value().to_string(), r);
+        }
+        for row in tx
+            .open_table(ACCESS)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            st.access.insert(
+                k.value().to_string(),
+                decode("access", k.value(), v.value())?,
+            );
+        }
+        for row in tx
+            .open_table(USED)
+            .map_err(db_err)?
+            .iter()
+            .map_err(db_err)?
+        {
+            let (k, v) = row.map_err(db_err)?;
+            if let Ok(d) = k.value().parse::<Digest>() {
+                st.used.insert(d, v.value());
+            }
+        }
+        *self.lock() = st;
+        Ok(())
+    }
+
+    /// Drops records whose blob is gone and deletes blobs no record points to (a crash
+    /// between a purge's index write and its deletes). Blocking.
+    fn drop_missing(&self, store: &Store) -> Result<()> {
+        let missing: Vec<Digest> = {
+            let st = self.lock();
+            let set: BTreeSet<Digest> = st
+                .records
+                .values()
+                .map(|r| r.module)
+                .filter(|d| !store.has(d))
+                .collect();
+            set.into_iter().collect()
+        };
+        if !missing.is_empty() {
+            let rows = self.remove_modules_in_memory(&missing);
+            tracing::warn!(
+                dropped = rows.records.len(),
+                "dropped index records whose module blob is missing"
+            );
+            self.write(rows)?;
+        }
+        let referenced: BTreeSet<Digest> = self.lock().records.values().map(|r| r.module).collect();
+        let mut orphans = 0;
+        for d in store.blob_digests()? {
+            if !referenced.contains(&d) {
+                store.remove(&d)?;
+                orphans += 1;
+            }
+        }
+        if orphans > 0 {
+            tracing::info!(orphans, "removed blobs that no record points to");
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the current in-memory values of `rows` (and use times not yet written) in one
+    /// transaction. Blocking.
+    fn write(&self, rows: Rows) -> Result<()> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        // Read memory only now, holding the database's writer lock: a later change's write
+        // starts after this commit and carries anything newer.
+        {
+            let mut records = tx.open_table(RECORDS).map_err(db_err)?;
+            let mut access = tx.open_table(ACCESS).map_err(db_err)?;
+            let mut used = tx.open_table(USED).map_err(db_err)?;
+            let mut st = self.lock();
+            for loc in &rows.records {
+                match st.records.get(loc) {
+                    Some(r) => {
+                        let json =
+                            serde_json::to_vec(r).map_err(|e| Error::internal("encoding", e))?;
+                        records
+                            .insert(loc.as_str(), json.as_slice())
+                            .map_err(db_err)?;
+                    }
+                    None => {
+                        records.remove(loc.as_str()).map_err(db_err)?;
+                    }
+                }
+            }
+            for src in &rows.access {
+                match st.access.get(src) {
+                    Some(a) => {
+                        let json =
+                            serde_json::to_vec(a).map_err(|e| Error::internal("encoding", e))?;
+                        access
+                            .insert(src.as_str(), json.as_slice())
+                            .map_err(db_err)?;
+                    }
+                    None => {
+                        access.remove(src.as_str()).map_err(db_err)?;
+                    }
+                }
+            }
+            let dirty = std::mem::take(&mut st.used_dirty);
+            for d in dirty {
+                let key = d.to_string();
+                match st.used.get(&d) {
+                    Some(at) => {
+                        used.insert(key.as_str(), *at).map_err(db_err)?;
+                    }
+                    None => {
+                        used.remove(key.as_str()).map_err(db_err)?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// Writes `rows` off the async runtime.
+    async fn persist(&self, rows: Rows) -> Result<()> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.write(rows))
+            .await
+            .map_err(|e| Error::internal("writing the index", e))?
+    }
+
+    /// The record for `location`.
+    pub fn get(&self, location: &str) -> Option<Record> {
+        self.lock().records.get(location).cloned()
+    }
+
+    /// Changes the record of `location`: `change` sees the current record (if any) and
+    /// returns the new one (`None` removes it). The only way to change a record: it runs
+    /// under the index lock, so concurrent changes compose instead of undoing each other.
+    /// Returns the record now stored.
+    pub async fn update(
+        &self,
+        location: &str,
+        change: impl FnOnce(Option<&Record>) -> Option<Record>,
+    ) -> Result<Option<Record>> {
+        let now = {
+            let mut st = self.lock();
+            let next = change(st.records.get(location));
+            match &next {
+                Some(r) => {
+                    debug_assert_eq!(r.location, location);
+                    st.records.insert(location.to_string(), r.clone());
+                }
+                None => {
+                    st.records.remove(location);
+                }
+            }
+            next
+        };
+        self.persist(Rows {
+            records: vec![location.to_string()],
+            access: Vec::new(),
+        })
+        .await?;
+        Ok(now)
+    }
+
+    /// What the registry confirmed about access to `source`.
+    pub fn access(&self, source: &str) -> Access {
+        self.lock().access.get(source).cloned().unwrap_or_default()
+    }
+
+    /// Records a grant for `source`.
+    pub async fn grant(&self, source: &str, grant: &Grant) -> Result<()> {
+        {
+            let mut st = self.lock();
+            let a = st.access.entry(source.to_string()).or_default();
+            match grant {
+                Grant::Public => a.public = true,
+                Grant::Credential(id) => {
+                    a.verified.insert(id.clone(), now_millis());
+                }
+            }
+        }
+        self.persist(Rows {
+            records: Vec::new(),
+            access: vec![source.to_string()],
+        })
+        .await
+    }
+
+    /// Forgets that `ids` were accepted for `source` (the registry refused them); true when
+    /// one was known.
+    pub async fn revoke(&self, source: &str, ids: &[String]) -> Result<bool> {
+        let changed = {
+            let mut st = self.lock();
+            let Some(a) = st.access.get_mut(source) else {
+                return Ok(false);
+            };
+            let before = a.verified.len();
+            a.verified.retain(|k, _| !ids.contains(k));
+            a.verified.len() != before
+        };
+        if changed {
+            self.persist(Rows {
+                records: Vec::new(),
+                access: vec![source.to_string()],
+            })
+            .await?;
+        }
+        Ok(changed)
+    }
+
+    /// `None` when no record serves `module`; else whether some record serving it comes
+    /// from a source anyone may read (a public OCI repository, or an http/file url). One pass.
+    pub fn module_public(&self, module: &Digest) -> Option<bool> {
+        let st = self.lock();
+        let mut found = None;
+        for r in st.records.values().filter(|r| r.module == *module) {
+            if !r.is_oci() || st.access.get(&r.source).is_some_and(|a| a.public) {
+                return Some(true);
+            }
+            found = Some(false);
+        }
+        found
+    }
+
+    /// The newest time credential `id` was accepted for a source holding `module`.
+    pub fn credential_verified_for_module(&self, module: &Digest, id: &str) -> Option<u64> {
+        let st = self.lock();
+        st.records
+            .values()
+            .filter(|r| r.module == *module)
+            .filter_map(|r| st.access.get(&r.source)?.verified.get(id).copied())
+            .max()
+    }
+
+    /// Notes that `module` was served now (in memory; written with the next transaction or
+    /// [`Index::flush_used`]).
+    pub fn touch(&self, module: &Digest) {
+        let mut st = self.lock();
+        st.used.insert(*module, now_millis());
+        st.used_dirty.insert(*module);
+    }
+
+    /// Writes use times not yet on disk.
+    pub async fn flush_used(&self) -> Result<()> {
+        if self.lock().used_dirty.is_empty() {
+            return Ok(());
+        }
+        self.persist(Rows::default()).await
+    }
+
+    /// Every cached module with what maps to it, ordered by digest.
+    pub fn modules(&self) -> Vec<ModuleInfo> {
+        let st = self.lock();
+        let mut by: BTreeMap<Digest, ModuleInfo> = BTreeMap::new();
+        for r in st.records.values() {
+            let public = !r.is_oci() || st.access.get(&r.source).is_some_and(|a| a.public);
+            let e = by.entry(r.module).or_insert_with(|| ModuleInfo {
+                digest: r.module,
+                size: r.size,
+                locations: Vec::new(),
+                last_used: st.used.get(&r.module).copied(),
+                pulled_at: r.fetched_at,
+                public: false,
+            });
+            e.locations.push(r.location.clone());
+            e.pulled_at = e.pulled_at.min(r.fetched_at);
+            e.public |= public;
+        }
+        by.into_values().collect()
+    }
+
+    /// Number of modules and their bytes, without building the list.
+    pub fn totals(&self) -> (u64, u64) {
+        let st = self.lock();
+        let mut seen = BTreeSet::new();
+        let mut bytes = 0;
+        for r in st.records.values() {
+            if seen.insert(r.module) {
+                bytes += r.size;
+            }
+        }
+        (seen.len() as u64, bytes)
+    }
+
+    fn remove_modules_in_memory(&self, digests: &[Digest]) -> Rows {
+        let mut st = self.lock();
+        let mut rows = Rows::default();
+        st.records.retain(|loc, r| {
+            if digests.contains(&r.module) {
+                rows.records.push(loc.clone());
+                false
+            } else {
+                true
+            }
+        });
+        for d in digests {
+            st.used.remove(d);
+            st.used_dirty.insert(*d);
+        }
+        rows
+    }
+
+    /// Removes every record of the modules in `digests` and their use times, on disk too.
+    pub async fn remove_modules(&self, digests: &[Digest]) -> Result<()> {
+        let rows = self.remove_modules_in_memory(digests);
+        self.persist(rows).await
+    }
+
+    /// Forgets credential verifications made before `before_ms` (they no longer count).
+    pub async fn prune_verified(&self, before_ms: u64) -> Result<usize> {
+        let mut rows = Rows::default();
+        let mut n = 0;
+        {
+            let mut st = self.lock();
+            for (src, a) in st.access.iter_mut() {
+                let len = a.verified.len();
+                a.verified.retain(|_, at| *at >= before_ms);
+                if a.verified.len() != len {
+                    n += len - a.verified.len();
+                    rows.access.push(src.clone());
+                }
+            }
+        }
+        if n > 0 {
+            self.persist(rows).await?;
+        }
+        Ok(n)
+    }
+
+    /// All records (a snapshot).
+    pub fn records(&self) -> Vec<Record> {
+        self.lock().records.values().cloned().collect()
+    }
+
+    /// A record of `source` whose module, manifest or index digest is every one of `digests`.
+    pub fn find_by_digests(&self, source: &str, digests: &[Digest]) -> Option<Record> {
+        self.lock()
+            .records
+            .values()
+            .find(|r| r.source == source && digests.iter().all(|d| r.answers_to(d)))
+            .cloned()
+    }
+
+    /// True when `source` already produced the module `module` (so its bytes may be reused
+    /// for that source without downloading them again).
+    pub fn source_has_module(&self, source: &str, module: &Digest) -> bool {
+        self.lock()
+            .records
+            .values()
+            .any(|r| r.source == source && r.module == *module)
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.lock().records.len()
+    }
+
+    /// True when there are no records.
+    pub fn is_empty(&self) -> bool {
+        self.lock().records.is_empty()
+    }
+}
+
+impl crate::fetch::KnownBlobs for Index {
+    fn source_has(&self, source: &str, d: &Digest) -> bool {
+        self.source_has_module(source, d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(location: &str, module: Digest) -> Record {
+        Record {
+            location: location.into(),
+            source: "oci://r/x".into(),
+            module,
+            size: 1,
+            image_digest: Some(Digest::of(b"manifest")),
+            index_digest: None,
+            etag: None,
+            fetched_at: 1,
+            resolved_at: 1,
+            versions: BTreeMap::new(),
+        }
+    }
+
+    async fn put(index: &Index, r: Record) {
+        let loc = r.location.clone();
+        index.update(&loc, move |_| Some(r)).await.unwrap();
+    }
+
+    fn blob(store: &Store, bytes: &[u8]) -> Digest {
+        let mut tmp = store.temp_file().unwrap();
+        std::io::Write::write_all(&mut tmp, bytes).unwrap();
+        let d = Digest::of(bytes);
+        store.commit(tmp, &d).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn prunes_only_old_verifications() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let index = Index::open(&store).unwrap();
+        index
+            .grant("oci://r/x", &Grant::Credential("old".into()))
+            .await
+            .unwrap();
+        let cutoff = now_millis() + 1;
+        index.grant("oci://r/x", &Grant::Public).await.unwrap();
+        assert_eq!(index.prune_verified(cutoff).await.unwrap(), 1);
+        assert!(index.access("oci://r/x").verified.is_empty());
+        assert!(
+            index.access("oci://r/x").public,
+            "public access is not a verification"
+        );
+        index
+            .grant("oci://r/x", &Grant::Credential("new".into()))
+            .await
+            .unwrap();
+        assert_eq!(index.prune_verified(cutoff - 1000).await.unwrap(), 0);
+        drop(index);
+        let reopened = Index::open(&store).unwrap();
+        let a = reopened.access("oci://r/x");
+        assert!(a.public && a.verified.contains_key("new") && !a.verified.contains_key("old"));
+    }
+
+    #[tokio::test]
+    async fn persists_and_drops_records_without_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let index = Index::open(&store).unwrap();
+        let kept = blob(&store, b"kept");
+        put(&index, record("oci://r/x:a", kept)).await;
+        put(&index, record("oci://r/x:b", Digest::of(b"gone"))).await;
+        index.touch(&kept);
+        index.flush_used().await.unwrap();
+        assert_eq!(index.len(), 2);
+        // A blob no record points to is removed at open.
+        let orphan = blob(&store, b"orphan");
+        drop(index);
+
+        let reopened = Index::open(&store).unwrap();
+        assert_eq!(reopened.len(), 1);
+        assert!(!store.has(&orphan));
+        assert!(store.has(&kept));
+        assert_eq!(reopened.get("oci://r/x:a").unwrap().module, kept);
+        assert!(reopened.modules()[0].last_used.is_some());
+        assert!(
+            reopened
+                .find_by_digests("oci://r/x", &[Digest::of(b"manifest")])
+                .is_some()
+        );
+        assert!(
+            reopened
+                .find_by_digests("oci://other/x", &[Digest::of(b"manifest")])
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn concurrent_updates_of_one_record_compose() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let index = Index::open(&store).unwrap();
+        let d = blob(&store, b"m");
+        put(&index, record("oci://r/x:a", d)).await;
+        // Two callers each note their own resource version at once: both survive.
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let index = index.clone();
+            tasks.push(tokio::spawn(async move {
+                index
+                    .update("oci://r/x:a", |r| {
+                        let mut r = r.cloned()?;
+                        r.versions.insert(format!("ns/p{i}"), i.to_string());
+                        Some(r)
+                    })
+                    .await
+                    .unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(index.get("oci://r/x:a").unwrap().versions.len(), 20);
+        drop(index);
+        let reopened = Index::open(&store).unwrap();
+        assert_eq!(reopened.get("oci://r/x:a").unwrap().versions.len(), 20);
+    }
+
+    #[tokio::test]
+    async fn migrates_an_index_json_from_an_earlier_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = blob(&store, b"module");
+        // The format main wrote before the database: times in seconds, pretty JSON.
+        let legacy = serde_json::json!({
+            "version": 1,
+            "records": [{
+                "location": "oci://reg.example/acme/acl:1.2",
+                "source": "oci://reg.example/acme/acl",
+                "module": d.to_string(),
+                "size": 6,
+                "imageDigest": Digest::of(b"manifest").to_string(),
+                "fetchedAt": 1_700_000_000u64,
+                "resolvedAt": 1_700_000_100u64,
+                "versions": {"ns/acl": "42"}
+            }],
+            "access": {"oci://reg.example/acme/acl": {"public": false, "verified": {"cred1": 1_700_000_000_000u64}}},
+            "used": {d.to_string(): 1_700_000_200_000u64}
+        });
+        std::fs::File::create(dir.path().join("index.json"))
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(&legacy).unwrap())
+            })
+            .unwrap();
+        let index = Index::open(&store).unwrap();
+        let r = index.get("oci://reg.example/acme/acl:1.2").unwrap();
+        assert_eq!(r.module, d);
+        assert_eq!(
+            r.fetched_at, 1_700_000_000_000,
+            "seconds became milliseconds"
+        );
+        assert_eq!(r.versions["ns/acl"], "42");
+        assert_eq!(
+            index.access("oci://reg.example/acme/acl").verified["cred1"],
+            1_700_000_000_000
+        );
+        assert_eq!(index.modules()[0].last_used, Some(1_700_000_200_000));
+        assert!(store.has(&d), "the migrated module's blob is kept");
+        assert!(!dir.path().join("index.json").exists());
+        assert!(dir.path().join("index.json.migrated").exists());
+        // A second start reads the database, not the old file.
+        drop(index);
+        assert_eq!(Index::open(&store).unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,570 @@
+//! The request service: for each fetch, plan against the cache ([`plan`]), check the caller's
+//! access ([`access`]), and go upstream once for all concurrent identical requests
+//! ([`crate::singleflight`]). It depends on the [`Upstream`] trait, so its unit tests drive it
+//! with an in-process fake.
+
+pub mod access;
+pub mod plan;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::api::{CacheStatus, FetchBody, ModuleInfo, PurgeReport, StatsReport};
+use crate::auth::{NodeKey, Secret};
+use crate::cache::index::{Grant, Record, now_millis};
+use crate::cache::lifecycle::Selector;
+use crate::cache::{Cache, ModuleFile};
+use crate::config::AuthSettings;
+use crate::digest::Digest;
+use crate::error::{Code, Error, Result};
+use crate::fetch::{Fetched, Upstream};
+use crate::metrics::Metrics;
+use crate::policy::{Effective, PullPolicy};
+use crate::singleflight::Flights;
+use crate::source::{OciRef, Source};
+use access::{Caller, Tenancy};
+use plan::{Plan, expected_digests};
+
+/// A validated fetch request.
+#[derive(Debug, Clone)]
+pub struct FetchRequest {
+    /// Where the module comes from.
+    pub source: Source,
+    /// The `sha256` field: module, manifest or index digest the result must match.
+    pub sha256: Option<Digest>,
+    /// `imagePullPolicy` as given.
+    pub policy: PullPolicy,
+    /// `.dockerconfigjson` payload of the image pull secret.
+    pub pull_secret: Option<Secret>,
+    /// Which plugin resource asks (e.g. `ns/name`), for `Always`.
+    pub resource_name: Option<String>,
+    /// The plugin resource's version, for `Always`.
+    pub resource_version: Option<String>,
+}
+
+impl FetchRequest {
+    /// A request for `url` with every other field unset.
+    pub fn for_url(url: &str) -> Result<FetchRequest> {
+        FetchRequest::try_from(FetchBody {
+            url: url.to_string(),
+            ..Default::default()
+        })
+    }
+}
+
+impl TryFrom<FetchBody> for FetchRequest {
+    type Error = Error;
+
+    /// Validates a wire body into a request.
+    fn try_from(body: FetchBody) -> Result<FetchRequest> {
+        let source = Source::parse(&body.url)?;
+        let sha256 = match body.sha256.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) => Some(s.parse::<Digest>()?),
+        };
+        let policy = match &body.pull_policy {
+            None => PullPolicy::Unspecified,
+            Some(p) => p.parse()?,
+        };
+        let clean = |s: Option<String>| s.map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        Ok(FetchRequest {
+            pull_secret: body.pull_secret.filter(|s| !s.expose().trim().is_empty()),
+            source,
+            sha256,
+            policy,
+            resource_name: clean(body.resource_name),
+            resource_version: clean(body.resource_version),
+        })
+    }
+}
+
+/// The answer to a fetch.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The record of the module served.
+    pub record: Record,
+    /// Whether it came from the cache.
+    pub cache: CacheStatus,
+    /// Why the caller may have it: `Public`, or the credential id the registry accepted.
+    pub grant: Grant,
+}
+
+/// The service; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// Shared state.
+    inner: Arc<Inner>,
+}
+
+/// What every clone of a [`Service`] shares.
+#[derive(Debug)]
+struct Inner {
+    /// Blobs, index, lifecycle.
+    cache: Cache,
+    /// Registries, http servers and files.
+    upstream: Arc<dyn Upstream>,
+    /// Callers' credentials, access proofs and module tokens.
+    tenancy: Tenancy,
+    /// Upstream operations in progress (fetches and access checks), by kind, location and
+    /// caller.
+    flights: Flights<String, Result<Outcome>>,
+    /// Prometheus metrics, also read by `stats`.
+    metrics: Arc<Metrics>,
+}
+
+impl Service {
+    /// A service over an opened cache and an upstream.
+    pub fn new(
+        cache: Cache,
+        upstream: Arc<dyn Upstream>,
+        key: NodeKey,
+        auth: &AuthSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Service {
+            inner: Arc::new(Inner {
+                cache,
+                upstream,
+                tenancy: Tenancy::new(key, auth),
+                flights: Flights::new(),
+                metrics,
+            }),
+        }
+    }
+
+    /// The cache.
+    pub fn cache(&self) -> &Cache {
+        &self.inner.cache
+    }
+
+    /// Answers a fetch request: from the cache when the policy and the caller's access
+    /// allow, else upstream.
+    pub async fn fetch(&self, req: FetchRequest) -> Result<Outcome> {
+        let started = Instant::now();
+        let result = self.fetch_inner(req).await;
+        let label = match &result {
+            Ok(o) => {
+                self.cache().touch(&o.record.module);
+                o.cache.as_str()
+            }
+            Err(_) => "error",
+        };
+        let m = &self.inner.metrics;
+        m.lookups.with_label_values(&[label]).inc();
+        m.request_seconds.observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// The path a caller with `grant` fetches `module` from (with a token when private).
+    pub fn module_url(&self, module: &Digest, grant: &Grant) -> String {
+        self.inner
+            .tenancy
+            .module_url(self.cache().index(), module, grant)
+    }
+
+    /// Opens `module` for a `GET /v1/modules/...` holding `cred` and `token` (needed for a
+    /// private module), and counts it as served.
+    pub async fn open_module(
+        &self,
+        module: &Digest,
+        cred: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<ModuleFile> {
+        self.inner
+            .tenancy
+            .check_module_access(self.cache().index(), module, cred, token)?;
+        let m = self.cache().open_module(module).await?;
+        self.cache().touch(module);
+        Ok(m)
+    }
+
+    /// Counts module bytes sent to a caller.
+    pub fn count_served(&self, bytes: u64) {
+        self.inner.metrics.served_bytes.inc_by(bytes);
+    }
+
+    /// Every cached module.
+    pub fn list(&self) -> Vec<ModuleInfo> {
+        self.cache().list()
+    }
+
+    /// Removes what `selector` picks (see [`Cache::purge`]).
+    pub async fn purge(&self, selector: &Selector, dry_run: bool) -> Result<PurgeReport> {
+        self.cache().purge(selector, dry_run).await
+    }
+
+    /// Counters and sizes.
+    pub fn stats_report(&self) -> StatsReport {
+        let (entries, bytes) = self.cache().index().totals();
+        let m = &self.inner.metrics;
+        StatsReport {
+            entries,
+            bytes,
+            max_bytes: self.cache().settings().max_size,
+            hits: m.lookups_of("hit"),
+            misses: m.lookups_of("miss"),
+            revalidated: m.lookups_of("revalidated"),
+            errors: m.lookups_of("error"),
+            evictions: m.evictions.get(),
+            purged: m.purged.get(),
+            corrupt: m.corrupt.get(),
+        }
+    }
+
+    /// The Prometheus text exposition, with cache gauges brought up to date.
+    pub fn metrics_text(&self) -> String {
+        let (entries, bytes) = self.cache().index().totals();
+        let m = &self.inner.metrics;
+        m.entries.set(entries as i64);
+        m.bytes.set(bytes as i64);
+        m.render()
+    }
+
+    /// One expiry sweep (see [`Cache::sweep`]).
+    pub async fn sweep(&self) -> Result<()> {
+        self.cache()
+            .sweep(self.inner.tenancy.verified_before())
+            .await
+    }
+
+    /// Runs [`Service::sweep`] every `purge_interval` until `shutdown` changes.
+    pub async fn sweep_every_interval(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let period: Duration = self.cache().settings().purge_interval;
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.sweep().await {
+                        tracing::warn!(error = %e, "cache sweep failed");
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn fetch_inner(&self, req: FetchRequest) -> Result<Outcome> {
+        let caller = self.inner.tenancy.caller(&req).await?;
+        let policy = req.policy.effective(&req.source);
+        let mut plan = plan::plan(self.cache(), &req, policy);
+        // A cached blob that no longer matches its digest is dropped and fetched again.
+        if let Some(r) = plan.served()
+            && !self.cache().ensure_intact(&r.module).await?
+        {
+            plan = plan::plan(self.cache(), &req, policy);
+        }
+        let outcome = match plan {
+            Plan::Serve(record) => self.authorize(&req, &caller, record).await?,
+            Plan::NotPresent => {
+                return Err(Error::new(
+                    Code::NotPresent,
+                    format!(
+                        "{} is not in the cache and the pull policy is Never",
+                        req.source
+                    ),
+                ));
+            }
+            Plan::Fetch | Plan::Revalidate(_) => self.upstream(req.clone(), caller).await?,
+        };
+        // Followers of a flight record their own resource version too.
+        if policy == Effective::Always
+            && outcome.record.location == req.source.location_key()
+            && let Some(v) = &req.resource_version
+        {
+            let name = req.resource_name.clone().unwrap_or_default();
+            if outcome.record.versions.get(&name) != Some(v) {
+                let v = v.clone();
+                self.cache()
+                    .index()
+                    .update(&outcome.record.location, move |r| {
+                        let mut r = r.cloned()?;
+                        r.versions.insert(name, v);
+                        Some(r)
+                    })
+                    .await?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Lets `caller` have a cached `record`: at once when the index proves access;
+    /// otherwise after the registry confirms it.
+    async fn authorize(
+        &self,
+        req: &FetchRequest,
+        caller: &Caller,
+        record: Record,
+    ) -> Result<Outcome> {
+        let tenancy = &self.inner.tenancy;
+        if let Some(grant) = tenancy.proven_grant(self.cache().index(), caller, &record) {
+            return Ok(Outcome {
+                record,
+                cache: CacheStatus::Hit,
+                grant,
+            });
+        }
+        let Source::Oci(r) = &req.source else {
+            unreachable!("proven_grant grants every non-OCI record")
+        };
+        let key = format!(
+            "verify|{}|{}|{}",
+            record.source,
+            record.top_digest(),
+            caller.flight_key()
+        );
+        let this = self.clone();
+        let r = r.clone();
+        let caller = caller.clone();
+        self.join(key, async move { this.verify(&r, caller, record).await })
+            .await
+    }
+
+    /// Asks the registry whether `caller` may read `record`'s manifest.
+    async fn verify(&self, r: &OciRef, caller: Caller, record: Record) -> Result<Outcome> {
+        let digest = record.image_digest.unwrap_or(record.top_digest());
+        let index = self.cache().index();
+        let tenancy = &self.inner.tenancy;
+        match self
+            .inner
+            .upstream
+            .verify(r, &digest, &caller.credentials())
+            .await
+        {
+            Ok(accepted) => {
+                let grant = tenancy.grant_for(r, accepted.as_ref());
+                index.grant(&record.source, &grant).await?;
+                tracing::info!(source = %r, digest = %record.module, "registry confirmed access to a cached module");
+                Ok(Outcome {
+                    record,
+                    cache: CacheStatus::Revalidated,
+                    grant,
+                })
+            }
+            Err(e) if e.code == Code::AccessDenied => {
+                index.revoke(&record.source, &caller.ids()).await?;
+                Err(tenancy.explain_denied(r, &caller, e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Goes upstream once for all concurrent identical requests of the same caller.
+    async fn upstream(&self, req: FetchRequest, caller: Caller) -> Result<Outcome> {
+        let key = format!(
+            "fetch|{}|{}|{}",
+            req.source.location_key(),
+            req.sha256.map(|d| d.to_string()).unwrap_or_default(),
+            caller.flight_key()
+        );
+        let this = self.clone();
+        self.join(key, async move { this.lead(req, caller).await })
+            .await
+    }
+
+    /// Joins (or starts) the flight for `key`, counting the callers that wait on a flight
+    /// another caller started.
+    async fn join(
+        &self,
+        key: String,
+        work: impl Future<Output = Result<Outcome>> + Send + 'static,
+    ) -> Result<Outcome> {
+        let joined = self.inner.flights.join(key, work);
+        let lost = |e: crate::singleflight::FlightError| Error::internal("upstream work", e);
+        if joined.leader {
+            return joined.flight.await.unwrap_or_else(|e| Err(lost(e)));
+        }
+        struct Waiting<'a>(&'a Metrics);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.waiters.dec();
+            }
+        }
+        self.inner.metrics.waiters.inc();
+        let _waiting = Waiting(&self.inner.metrics);
+        joined.flight.await.unwrap_or_else(|e| Err(lost(e)))
+    }
+
+    /// The work of a fetch flight's leader.
+    async fn lead(&self, req: FetchRequest, caller: Caller) -> Result<Outcome> {
+        let policy = req.policy.effective(&req.source);
+        let tenancy = &self.inner.tenancy;
+        let upstream = &self.inner.upstream;
+        // A flight that just finished may have filled the cache after this request looked.
+        let previous = match plan::plan(self.cache(), &req, policy) {
+            Plan::Serve(record) => return self.authorize(&req, &caller, record).await,
+            Plan::NotPresent => {
+                return Err(Error::new(
+                    Code::NotPresent,
+                    format!("{} is not in the cache", req.source),
+                ));
+            }
+            Plan::Revalidate(prev) => Some(prev),
+            Plan::Fetch => None,
+        };
+        let started = Instant::now();
+        let fetched = match (&previous, &req.source) {
+            // An OCI tag: one manifest HEAD; blobs only when the digest moved.
+            (Some(prev), Source::Oci(r)) => {
+                let resolved = upstream
+                    .resolve(r, &caller.credentials())
+                    .await
+                    .map_err(|e| tenancy.explain_denied(r, &caller, e))?;
+                let grant = tenancy.grant_for(r, resolved.credential.as_ref());
+                self.cache().index().grant(&prev.source, &grant).await?;
+                if resolved.value == prev.top_digest() {
+                    return self.unchanged(prev, &req, grant).await;
+                }
+                // Fetch exactly what the tag points at now.
+                let mut pinned = r.clone();
+                pinned.digest = Some(resolved.value);
+                let source = Source::Oci(pinned);
+                upstream
+                    .fetch(&source, self.cache().index(), &caller.credentials())
+                    .await
+            }
+            // An http(s) module with a validator: a conditional GET; 304 means unchanged.
+            (Some(prev), Source::Http(url)) if prev.etag.is_some() => {
+                let etag = prev.etag.as_deref().unwrap_or_default();
+                match upstream.fetch_if_changed(url, etag).await {
+                    Ok(None) => return self.unchanged(prev, &req, Grant::Public).await,
+                    Ok(Some(f)) => Ok(f),
+                    Err(e) => Err(e),
+                }
+            }
+            _ => {
+                upstream
+                    .fetch(&req.source, self.cache().index(), &caller.credentials())
+                    .await
+            }
+        };
+        let checked = match (fetched, &req.source) {
+            (Ok(f), Source::Oci(r)) => {
+                let grant = tenancy.grant_for(r, f.credential.as_ref());
+                check(&req, f).map(|(rec, file)| (rec, file, grant))
+            }
+            (Ok(f), _) => check(&req, f).map(|(rec, file)| (rec, file, Grant::Public)),
+            (Err(e), Source::Oci(r)) => Err(tenancy.explain_denied(r, &caller, e)),
+            (Err(e), _) => Err(e),
+        };
+        self.observe_fetch(&req.source, started, &checked);
+        let (rec, file, grant) = checked?;
+        if rec.is_oci() {
+            self.cache().index().grant(&rec.source, &grant).await?;
+        }
+        let req2 = req.clone();
+        let stored = self
+            .cache()
+            .install(file, rec, move |old, mut new| {
+                // Keep what other requests noted on the location.
+                if let Some(old) = old {
+                    new.versions = old.versions.clone();
+                }
+                note_version(&mut new, &req2);
+                new
+            })
+            .await?;
+        let cache = match &previous {
+            Some(p) if p.module == stored.module => CacheStatus::Revalidated,
+            _ => CacheStatus::Miss,
+        };
+        Ok(Outcome {
+            record: stored,
+            cache,
+            grant,
+        })
+    }
+
+    /// Upstream says `prev` is still current: record the check and serve it.
+    async fn unchanged(&self, prev: &Record, req: &FetchRequest, grant: Grant) -> Result<Outcome> {
+        let fallback = prev.clone();
+        let req2 = req.clone();
+        let rec = self
+            .cache()
+            .index()
+            .update(&prev.location, move |now| {
+                let mut r = now.cloned().unwrap_or(fallback);
+                r.resolved_at = now_millis();
+                note_version(&mut r, &req2);
+                Some(r)
+            })
+            .await?
+            .unwrap_or_else(|| prev.clone());
+        tracing::info!(source = %req.source, digest = %rec.module, "revalidated: unchanged upstream");
+        Ok(Outcome {
+            record: rec,
+            cache: CacheStatus::Revalidated,
+            grant,
+        })
+    }
+
+    /// One log line and the metrics of an upstream fetch.
+    fn observe_fetch<T>(
+        &self,
+        source: &Source,
+        started: Instant,
+        result: &Result<(Record, T, Grant)>,
+    ) {
+        let scheme = source.scheme();
+        let secs = started.elapsed().as_secs_f64();
+        let ms = started.elapsed().as_millis() as u64;
+        let m = &self.inner.metrics;
+        m.upstream_seconds
+            .with_label_values(&[scheme])
+            .observe(secs);
+        let label = match result {
+            Ok((rec, _, _)) => {
+                tracing::info!(url = %source, result = "success", digest = %rec.module, bytes = rec.size, ms, "upstream fetch");
+                "success"
+            }
+            Err(e) => {
+                tracing::warn!(url = %source, result = e.code.as_str(), error = %e.message, ms, "upstream fetch");
+                e.code.as_str()
+            }
+        };
+        m.upstream.with_label_values(&[scheme, label]).inc();
+    }
+}
+
+/// Checks the expected digests; the record to install and the module file.
+fn check(req: &FetchRequest, f: Fetched) -> Result<(Record, tempfile::NamedTempFile)> {
+    let now = now_millis();
+    let rec = Record {
+        location: req.source.location_key(),
+        source: req.source.source_key(),
+        module: f.digest,
+        size: f.size,
+        image_digest: f.image_digest,
+        index_digest: f.index_digest,
+        etag: f.etag.clone(),
+        fetched_at: now,
+        resolved_at: now,
+        versions: Default::default(),
+    };
+    for want in expected_digests(req) {
+        if !rec.answers_to(&want) {
+            let mut got = format!("module {}", rec.module);
+            if let Some(m) = rec.image_digest {
+                got.push_str(&format!(", manifest {m}"));
+            }
+            if let Some(i) = rec.index_digest {
+                got.push_str(&format!(", index {i}"));
+            }
+            return Err(Error::new(
+                Code::ChecksumMismatch,
+                format!("{}: expected sha256 {want}, got {got}", req.source),
+            ));
+        }
+    }
+    Ok((rec, f.file))
+}
+
+fn note_version(rec: &mut Record, req: &FetchRequest) {
+    if let Some(v) = &req.resource_version {
+        rec.versions
+            .insert(req.resource_name.clone().unwrap_or_default(), v.clone());
+    }
+}
