@@ -235,7 +235,9 @@ pub async fn plain_module(
     max_size: u64,
 ) -> Result<Fetched> {
     let (file, digest, size) =
-        unwrap_and_validate(store, downloaded, max_size, unpack::TarEntry::First, false).await?;
+        unwrap_and_validate(store, downloaded, max_size, unpack::TarEntry::First, false)
+            .await
+            .map_err(Error::from)?;
     Ok(Fetched {
         file,
         digest,
@@ -263,7 +265,7 @@ pub async fn unwrap_and_validate(
     max_size: u64,
     entry: unpack::TarEntry,
     require_tar: bool,
-) -> Result<(NamedTempFile, Digest, u64)> {
+) -> unpack::Result<(NamedTempFile, Digest, u64)> {
     let (file, digest, size) = downloaded;
     let path = file.path().to_path_buf();
     let st = store.clone();

@@ -9,7 +9,64 @@ use tempfile::NamedTempFile;
 
 use crate::cache::store::Store;
 use crate::digest::{Digest, Hasher};
-use crate::error::{Code, Error, Result};
+use crate::error::{Code, Error};
+
+/// Why unwrapping failed. Callers decide on the variant (the OCI compat image tries the
+/// next layer on [`UnpackError::NoPluginWasm`]); the wire code is chosen once, in the
+/// `From<UnpackError> for Error` below.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    /// The fetched file could not be read back.
+    #[error("reading fetched content: {0}")]
+    Io(#[source] std::io::Error),
+    /// The gzip stream or tar archive is damaged.
+    #[error("corrupt {what}: {source}")]
+    Corrupt {
+        /// `gzip stream` or `archive`.
+        what: &'static str,
+        /// What the decoder said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A layer declared as tar+gzip is not a tar archive.
+    #[error("the layer is declared as a tar archive but is not one")]
+    NotTar,
+    /// The archive has no regular file (http and file sources take the first one).
+    #[error("the archive holds no regular file")]
+    NoRegularFile,
+    /// The archive has no `plugin.wasm` (the OCI compat layout).
+    #[error("the archive holds no plugin.wasm")]
+    NoPluginWasm,
+    /// What came out is over the size cap.
+    #[error("{what} exceeds the maximum size of {max} bytes")]
+    TooLarge {
+        /// Which content.
+        what: &'static str,
+        /// The cap.
+        max: u64,
+    },
+    /// The store or the validator failed.
+    #[error(transparent)]
+    Other(#[from] Error),
+}
+
+impl From<UnpackError> for Error {
+    fn from(e: UnpackError) -> Error {
+        let code = match &e {
+            UnpackError::Io(_) => Code::Internal,
+            UnpackError::Corrupt { .. }
+            | UnpackError::NotTar
+            | UnpackError::NoRegularFile
+            | UnpackError::NoPluginWasm => Code::InvalidModule,
+            UnpackError::TooLarge { .. } => Code::TooLarge,
+            UnpackError::Other(inner) => return inner.clone(),
+        };
+        Error::new(code, e.to_string())
+    }
+}
+
+/// The result of an unwrapping step.
+pub type Result<T, E = UnpackError> = std::result::Result<T, E>;
 
 /// Which tar entry holds the module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +99,7 @@ pub fn unwrap(
     entry: TarEntry,
     require_tar: bool,
 ) -> Result<Unwrapped> {
-    let io = |e: std::io::Error| Error::internal("reading fetched content", e);
+    let io = UnpackError::Io;
     let mut file = File::open(input).map_err(io)?;
     let mut magic = [0u8; 2];
     let n = file.read(&mut magic).map_err(io)?;
@@ -65,10 +122,7 @@ pub fn unwrap(
             .map(|(f, d, s)| Unwrapped::Extracted(f, d, s));
     }
     if require_tar {
-        return Err(Error::new(
-            Code::InvalidModule,
-            "the layer is declared as a tar archive but is not one",
-        ));
+        return Err(UnpackError::NotTar);
     }
     if !gz {
         return Ok(Unwrapped::Plain);
@@ -78,9 +132,11 @@ pub fn unwrap(
     Ok(Unwrapped::Extracted(f, d, s))
 }
 
-fn bad_archive(gz: bool, e: std::io::Error) -> Error {
-    let what = if gz { "gzip stream" } else { "archive" };
-    Error::new(Code::InvalidModule, format!("corrupt {what}: {e}"))
+fn bad_archive(gz: bool, e: std::io::Error) -> UnpackError {
+    UnpackError::Corrupt {
+        what: if gz { "gzip stream" } else { "archive" },
+        source: e,
+    }
 }
 
 fn extract_tar(
@@ -108,21 +164,17 @@ fn extract_tar(
             return copy_capped(store, entry, max_size, "the module in the archive");
         }
     }
-    let what = match want {
-        TarEntry::First => "no regular file",
-        TarEntry::PluginWasm => "no plugin.wasm",
-    };
-    Err(Error::new(
-        Code::InvalidModule,
-        format!("the archive holds {what}"),
-    ))
+    Err(match want {
+        TarEntry::First => UnpackError::NoRegularFile,
+        TarEntry::PluginWasm => UnpackError::NoPluginWasm,
+    })
 }
 
 fn copy_capped(
     store: &Store,
     mut reader: impl Read,
     max_size: u64,
-    what: &str,
+    what: &'static str,
 ) -> Result<(NamedTempFile, Digest, u64)> {
     let mut out = store.temp_file()?;
     let mut hasher = Hasher::default();
@@ -133,10 +185,10 @@ fn copy_capped(
             break;
         }
         if hasher.len() + n as u64 > max_size {
-            return Err(Error::new(
-                Code::TooLarge,
-                format!("{what} exceeds the maximum size of {max_size} bytes"),
-            ));
+            return Err(UnpackError::TooLarge {
+                what,
+                max: max_size,
+            });
         }
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n])

@@ -603,3 +603,52 @@ async fn a_token_the_registry_rejects_is_refreshed() {
     }
     assert!(refreshed, "the rejected token was never refreshed");
 }
+
+/// Issue 8: `blob()` skipped the challenge-and-retry path, so a token that expired between
+/// the manifest and the blob was a hard `access_denied`.
+#[tokio::test]
+async fn issue_8_a_token_rejected_at_the_blob_is_renewed_mid_pull() {
+    let t = token_registry();
+    t.tokens.set_user("kim", "kim-pw", &["tokens/midpull"]);
+    let m = wasm_module("token-midpull", 10);
+    push_solo(
+        &Pusher::with_token(&t.registry, "tokens/midpull"),
+        "tokens/midpull",
+        "v1",
+        &m,
+    )
+    .await;
+    // The registry's own challenge for this repository.
+    let challenge = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!(
+            "http://{}/v2/tokens/midpull/manifests/v1",
+            t.registry.addr
+        ))
+        .send()
+        .await
+        .unwrap()
+        .headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(challenge.starts_with("Bearer "), "{challenge}");
+    let d = Daemon::start(DaemonOpts::default());
+    let url = format!("{}/tokens/midpull:v1", t.proxy.addr);
+    let req = json!({"url": url, "pullSecret": docker_config(&[(&t.proxy.addr, "kim", "kim-pw")])});
+    // The manifest is read with the first token; the blob GET is then refused as if that
+    // token had expired.
+    t.proxy.reject_token_next("/blobs/", 1, &challenge);
+    let before = t.tokens.requests();
+    let body = d.fetch_ok(req).await;
+    assert_eq!(body["cache"], "miss");
+    assert_eq!(body["digest"], sha(&m));
+    assert_eq!(
+        t.tokens.requests(),
+        before + 2,
+        "a second token was fetched for the blob"
+    );
+    assert_eq!(t.proxy.count("GET /v2/tokens/midpull/blobs/"), 2);
+}

@@ -476,11 +476,15 @@ pub struct CountingProxy {
     state: Arc<ProxyState>,
 }
 
+/// An injected answer: path substring, how many more times, status, `WWW-Authenticate`.
+type Fault = (String, usize, u16, Option<String>);
+
 struct ProxyState {
     upstream: String,
     counts: Mutex<HashMap<String, usize>>,
-    /// Per path substring: how many more requests answer with the given status.
-    faults: Mutex<Vec<(String, usize, u16)>>,
+    /// Per path substring: how many more requests answer with the given status (and
+    /// `WWW-Authenticate` header, if any).
+    faults: Mutex<Vec<Fault>>,
     client: reqwest::Client,
 }
 
@@ -531,7 +535,18 @@ impl CountingProxy {
             .faults
             .lock()
             .unwrap()
-            .push((path_part.to_string(), n, status));
+            .push((path_part.to_string(), n, status, None));
+    }
+
+    /// Makes the next `n` requests whose path contains `path_part` answer `401` with the
+    /// Bearer challenge `challenge`, as a registry does for a token that expired.
+    pub fn reject_token_next(&self, path_part: &str, n: usize, challenge: &str) {
+        self.state.faults.lock().unwrap().push((
+            path_part.to_string(),
+            n,
+            401,
+            Some(challenge.to_string()),
+        ));
     }
 }
 
@@ -552,10 +567,11 @@ async fn forward(State(st): State<Arc<ProxyState>>, req: Request) -> Response {
         let mut faults = st.faults.lock().unwrap();
         if let Some(f) = faults.iter_mut().find(|f| f.1 > 0 && path.contains(&f.0)) {
             f.1 -= 1;
-            return Response::builder()
-                .status(f.2)
-                .body(Body::from("injected fault"))
-                .unwrap();
+            let mut b = Response::builder().status(f.2);
+            if let Some(c) = &f.3 {
+                b = b.header("www-authenticate", c);
+            }
+            return b.body(Body::from("injected fault")).unwrap();
         }
     }
     let headers: HeaderMap = req.headers().clone();

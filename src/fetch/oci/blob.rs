@@ -1,0 +1,102 @@
+//! Layer blobs: streamed into a temp file of the store while their digest and size are
+//! checked, through the session's one challenge-and-retry path.
+
+use futures_util::StreamExt;
+use reqwest::Method;
+
+use super::OciFetcher;
+use super::manifest::Descriptor;
+use super::session::Session;
+use crate::digest::Digest;
+use crate::error::{Code, Error, Result};
+use crate::fetch::client::{Attempt, transport_error};
+
+impl OciFetcher {
+    /// A copy of a blob this same source served before, as a new temp file (no download).
+    pub(super) async fn copy_stored(
+        &self,
+        digest: &Digest,
+    ) -> Result<(tempfile::NamedTempFile, Digest, u64)> {
+        let src = self.store.blob_path(digest);
+        let tmp = self.store.temp_file()?;
+        let dst = tmp.path().to_path_buf();
+        let size = tokio::fs::copy(&src, &dst)
+            .await
+            .map_err(|e| Error::internal("copying cached blob", e))?;
+        Ok((tmp, *digest, size))
+    }
+
+    /// Streams a blob into a temp file, checking its size and digest. The request goes
+    /// through the session's challenge-and-retry path (a token that expired since the
+    /// manifest was read is renewed); a body cut short is downloaded again, with backoff,
+    /// up to `[fetch] retries` times.
+    pub(super) async fn blob(
+        &self,
+        s: &mut Session<'_>,
+        layer: &Descriptor,
+        digest: Digest,
+    ) -> Result<(tempfile::NamedTempFile, Digest, u64)> {
+        let what = format!("blob {digest} of {}/{}", s.registry, s.repository);
+        let path = format!("blobs/{digest}");
+        let mut attempt = 0;
+        let out = loop {
+            let resp = self.request(s, Method::GET, &path, "*/*").await?;
+            match self.stream_to_store(resp, &what).await {
+                Ok(out) => break out,
+                Err(a) if a.retry && attempt < self.settings.retries => {
+                    attempt += 1;
+                    let delay = self
+                        .settings
+                        .backoff_min
+                        .saturating_mul(1 << attempt.min(16))
+                        .min(self.settings.backoff_max);
+                    tracing::debug!(error = %a.error, ?delay, "retrying blob download");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(a) => return Err(a.error),
+            }
+        };
+        if out.1 != digest {
+            return Err(Error::new(
+                Code::ChecksumMismatch,
+                format!("{what}: the registry served content with digest {}", out.1),
+            ));
+        }
+        if layer.size != 0 && out.2 != layer.size {
+            return Err(Error::new(
+                Code::UpstreamError,
+                format!(
+                    "{what}: {} bytes served, the manifest declares {}",
+                    out.2, layer.size
+                ),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+impl OciFetcher {
+    /// Writes a response body into a new temp file, hashing it and enforcing the size cap.
+    async fn stream_to_store(
+        &self,
+        resp: reqwest::Response,
+        what: &str,
+    ) -> std::result::Result<(tempfile::NamedTempFile, Digest, u64), Attempt> {
+        let url = resp.url().to_string();
+        let mut w = self.store.writer(self.max_size, what)?;
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| transport_error(&url, e))?;
+            w.write(&chunk).await?;
+        }
+        Ok(w.finish().await?)
+    }
+}
+
+/// The `too_large` error of a layer whose declared size is over the cap.
+pub(super) fn too_large(size: u64, max: u64) -> Error {
+    Error::new(
+        Code::TooLarge,
+        format!("the layer is {size} bytes, more than the maximum module size of {max} bytes"),
+    )
+}

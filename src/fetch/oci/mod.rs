@@ -1,0 +1,313 @@
+//! OCI registries: the distribution API over the guarded HTTP client.
+//!
+//! Formats are chosen by media type, never guessed: the Solo Wasm artifact, the CNCF Wasm
+//! artifact, the "compat" image (a tar+gzip layer holding `plugin.wasm`), and an image index
+//! or Docker manifest list leading to one of them. Manifests and blobs are verified against
+//! their digests; blobs stream into temp files.
+//!
+//! [`session`]: sessions, tokens and the one challenge-and-retry path; [`manifest`]: manifests,
+//! indexes and the choice among them; [`blob`]: layer streaming.
+
+mod blob;
+mod manifest;
+mod session;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use reqwest::{Client, Method};
+
+use blob::too_large;
+use manifest::{
+    ACCEPT_MANIFESTS, Descriptor, MAX_INDEX_DEPTH, TAR_GZIP_LAYERS, WASM_LAYERS, parse_digest,
+    pick_from_index,
+};
+pub use manifest::{DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
+use session::Session;
+
+use super::unpack::{TarEntry, UnpackError};
+use super::{Fetched, KnownBlobs, unwrap_and_validate};
+use crate::auth::Credential;
+use crate::cache::store::Store;
+use crate::config::{Config, FetchSettings};
+use crate::digest::Digest;
+use crate::error::{Code, Error, Result};
+use crate::netguard::NetGuard;
+use crate::source::OciRef;
+
+/// What a registry operation resolved to, and which credential the registry accepted
+/// (`None`: it answered anonymously).
+#[derive(Debug)]
+pub struct Authorized<T> {
+    /// The result.
+    pub value: T,
+    /// The credential that was accepted.
+    pub credential: Option<Credential>,
+}
+
+/// Pulls modules from OCI registries.
+#[derive(Debug)]
+pub struct OciFetcher {
+    /// Client that verifies TLS (extra CA roots applied).
+    secure: Client,
+    /// Client for registries marked `insecure` (unverified TLS).
+    insecure: Client,
+    /// Registries allowed over plain HTTP.
+    insecure_registries: crate::config::InsecureRegistries,
+    /// Remembers which scheme an insecure registry answered on.
+    schemes: Mutex<HashMap<String, &'static str>>,
+    /// Checks token realms and IP-literal registries.
+    guard: Arc<NetGuard>,
+    /// Timeouts and retries.
+    settings: FetchSettings,
+    /// Size cap for blobs and the module.
+    max_size: u64,
+    /// Where blobs are written.
+    store: Store,
+    /// Bearer tokens by (registry, repository, credential fingerprint), with their expiry.
+    tokens: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl OciFetcher {
+    /// A fetcher using the two clients.
+    pub fn new(
+        secure: Client,
+        insecure: Client,
+        guard: Arc<NetGuard>,
+        config: &Config,
+        store: Store,
+    ) -> Self {
+        OciFetcher {
+            secure,
+            insecure,
+            insecure_registries: config.insecure_registries.clone(),
+            schemes: Mutex::new(HashMap::new()),
+            guard,
+            settings: config.fetch.clone(),
+            max_size: config.max_module_size,
+            store,
+            tokens: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The digest the reference points at now: HEAD on the manifest, falling back to GET.
+    pub async fn resolve(&self, r: &OciRef, creds: &[Credential]) -> Result<Authorized<Digest>> {
+        let mut s = self.authorized_session(r, creds).await?;
+        let reference = r.manifest_reference();
+        let resp = self
+            .request(
+                &mut s,
+                Method::HEAD,
+                &format!("manifests/{reference}"),
+                ACCEPT_MANIFESTS,
+            )
+            .await?;
+        if let Some(d) = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<Digest>().ok())
+        {
+            return Ok(Authorized {
+                value: d,
+                credential: s.cred,
+            });
+        }
+        let (_, digest, _) = self.manifest(&mut s, &reference).await?;
+        Ok(Authorized {
+            value: digest,
+            credential: s.cred,
+        })
+    }
+
+    /// Pulls the module `r` names. `known` says which blobs this source already served.
+    pub async fn fetch(
+        &self,
+        r: &OciRef,
+        source: &str,
+        known: &dyn KnownBlobs,
+        creds: &[Credential],
+    ) -> Result<Fetched> {
+        let mut s = self.authorized_session(r, creds).await?;
+        let mut reference = r.manifest_reference();
+        let mut index_digest = None;
+        for depth in 0..=MAX_INDEX_DEPTH {
+            let (doc, digest, media_type) = self.manifest(&mut s, &reference).await?;
+            match media_type.as_str() {
+                OCI_INDEX | DOCKER_LIST => {
+                    if depth == MAX_INDEX_DEPTH {
+                        break;
+                    }
+                    if index_digest.is_none() {
+                        index_digest = Some(digest);
+                    }
+                    let entry = pick_from_index(doc.manifests.as_deref().unwrap_or_default())
+                        .ok_or_else(|| {
+                            Error::new(
+                                Code::InvalidModule,
+                                format!(
+                                    "{}/{}: the image index lists no Wasm manifest",
+                                    s.registry, s.repository
+                                ),
+                            )
+                        })?;
+                    reference = entry.digest.clone();
+                }
+                OCI_MANIFEST | DOCKER_MANIFEST => {
+                    let layers = doc.layers.unwrap_or_default();
+                    let (file, module, size) = self
+                        .module_from_layers(&mut s, &layers, source, known)
+                        .await?;
+                    return Ok(Fetched {
+                        file,
+                        digest: module,
+                        size,
+                        image_digest: Some(digest),
+                        index_digest,
+                        credential: s.cred,
+                        etag: None,
+                    });
+                }
+                other => {
+                    return Err(Error::new(
+                        Code::InvalidModule,
+                        format!(
+                            "{}/{}: unsupported manifest type {other:?}",
+                            s.registry, s.repository
+                        ),
+                    ));
+                }
+            }
+        }
+        Err(Error::new(
+            Code::InvalidModule,
+            format!(
+                "{}/{}: image indexes nested too deeply",
+                s.registry, s.repository
+            ),
+        ))
+    }
+
+    async fn module_from_layers(
+        &self,
+        s: &mut Session<'_>,
+        layers: &[Descriptor],
+        source: &str,
+        known: &dyn KnownBlobs,
+    ) -> Result<(tempfile::NamedTempFile, Digest, u64)> {
+        let wasm: Vec<&Descriptor> = layers
+            .iter()
+            .filter(|l| WASM_LAYERS.contains(&l.media_type.as_str()))
+            .collect();
+        if wasm.len() > 1 {
+            return Err(Error::new(
+                Code::InvalidModule,
+                format!(
+                    "{}/{}: the manifest has {} Wasm layers; expected one",
+                    s.registry,
+                    s.repository,
+                    wasm.len()
+                ),
+            ));
+        }
+        if let Some(layer) = wasm.first() {
+            let digest = parse_digest(&layer.digest, "layer digest")?;
+            if layer.size > self.max_size {
+                return Err(too_large(layer.size, self.max_size));
+            }
+            if known.source_has(source, &digest) && self.store.has(&digest) {
+                // Same source served these exact bytes before: copy, no download.
+                return self.copy_stored(&digest).await;
+            }
+            let downloaded = self.blob(s, layer, digest).await?;
+            let out = unwrap_and_validate(
+                &self.store,
+                downloaded,
+                self.max_size,
+                TarEntry::PluginWasm,
+                false,
+            );
+            return out.await.map_err(Error::from);
+        }
+        let tars: Vec<&Descriptor> = layers
+            .iter()
+            .filter(|l| TAR_GZIP_LAYERS.contains(&l.media_type.as_str()))
+            .collect();
+        if tars.is_empty() {
+            let types: Vec<&str> = layers.iter().map(|l| l.media_type.as_str()).collect();
+            return Err(Error::new(
+                Code::InvalidModule,
+                format!(
+                    "{}/{}: no Wasm layer among media types {types:?}",
+                    s.registry, s.repository
+                ),
+            ));
+        }
+        // The compat image: the last tar+gzip layer that holds plugin.wasm.
+        let mut last_err = None;
+        for layer in tars.iter().rev() {
+            let digest = parse_digest(&layer.digest, "layer digest")?;
+            if layer.size > self.max_size {
+                return Err(too_large(layer.size, self.max_size));
+            }
+            let downloaded = self.blob(s, layer, digest).await?;
+            match unwrap_and_validate(
+                &self.store,
+                downloaded,
+                self.max_size,
+                TarEntry::PluginWasm,
+                true,
+            )
+            .await
+            {
+                Ok(out) => return Ok(out),
+                Err(e @ UnpackError::NoPluginWasm) => last_err = Some(Error::from(e)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| UnpackError::NoPluginWasm.into()))
+    }
+
+    /// Checks that the registry lets `creds` (or anonymous, when empty) read manifest `digest`
+    /// of `r`'s repository. Returns the credential that was accepted.
+    pub async fn verify(
+        &self,
+        r: &OciRef,
+        digest: &Digest,
+        creds: &[Credential],
+    ) -> Result<Option<Credential>> {
+        let mut pinned = r.clone();
+        pinned.digest = Some(*digest);
+        let mut last = None;
+        let candidates: Vec<Option<&Credential>> = if creds.is_empty() {
+            vec![None]
+        } else {
+            creds.iter().map(Some).collect()
+        };
+        for cred in candidates {
+            // A fresh token: a cached one proves only that the credential was valid when it
+            // was issued, and verification is how a revoked credential is noticed.
+            let mut s = self.session(&pinned, cred).await?;
+            s.token = None;
+            match self
+                .request(
+                    &mut s,
+                    Method::HEAD,
+                    &format!("manifests/{digest}"),
+                    ACCEPT_MANIFESTS,
+                )
+                .await
+            {
+                Ok(_) => return Ok(s.cred),
+                Err(e) if matches!(e.code, Code::AccessDenied | Code::NotFound) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        let e = last.expect("at least one candidate");
+        Err(Error::new(
+            Code::AccessDenied,
+            format!("the registry did not confirm access to {r}: {}", e.message),
+        ))
+    }
+}
