@@ -395,3 +395,69 @@ async fn fetch_shows_progress_on_a_terminal_only() {
         "no progress bar when not a terminal"
     );
 }
+
+/// Copies `src` (a file or a directory tree) to `dst`.
+fn copy_tree(src: &std::path::Path, dst: &std::path::Path) {
+    if src.is_dir() {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap().flatten() {
+            copy_tree(&e.path(), &dst.join(e.file_name()));
+        }
+    } else {
+        std::fs::copy(src, dst).unwrap();
+    }
+}
+
+/// Issue 8: the image build copied `Cargo.toml`, `Cargo.lock` and `src` while the manifest
+/// declares a `[[bench]]`, so `cargo build` in the image failed. This copies exactly what the
+/// `Containerfile`'s build stage copies and builds (checks) the binary there, offline.
+#[test]
+fn issue_8_the_containerfile_build_context_builds() {
+    let containerfile = std::fs::read_to_string(repo_root().join("Containerfile")).unwrap();
+    let ctx = tempfile::tempdir().unwrap();
+    let mut copied = Vec::new();
+    let mut in_build_stage = false;
+    for line in containerfile.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["FROM", .., "AS", "build"] => in_build_stage = true,
+            ["FROM", ..] => in_build_stage = false,
+            ["COPY", args @ ..] if in_build_stage && !args[0].starts_with("--") => {
+                let (srcs, dst) = args.split_at(args.len() - 1);
+                for src in srcs {
+                    let from = repo_root().join(src);
+                    let to = if dst[0].ends_with('/') {
+                        ctx.path().join(dst[0]).join(src)
+                    } else {
+                        ctx.path().join(dst[0])
+                    };
+                    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+                    copy_tree(&from, &to);
+                    copied.push(src.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(copied.contains(&"src".to_string()), "{copied:?}");
+    // The same target dir as the suite: dependencies are already checked there, only the
+    // copied crate is compiled.
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "check",
+            "--locked",
+            "--offline",
+            "--quiet",
+            "--bin",
+            "wasm-cache",
+        ])
+        .current_dir(ctx.path())
+        .env("CARGO_TARGET_DIR", repo_root().join("target"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the Containerfile's build context ({copied:?}) does not build:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
