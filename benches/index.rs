@@ -1,90 +1,103 @@
 //! `cargo bench --bench index`: what a fetch miss costs as the cache grows.
 //!
-//! Starts a release `wasm-cache serve` in a temp dir (or the binary named by
-//! `WASM_CACHE_BENCH_BIN`, to compare with another build in the same run), fills its cache
-//! with small `file://` modules, and measures fetch misses per second at each size in
-//! `SIZES` with `CLIENTS` concurrent clients. A miss reads a file, validates it, writes the
-//! blob and records it in the index; the goal is that its cost does not grow with the
-//! number of entries (misses/s at 10,000 within 1.5x of misses/s at 100).
+//! Starts two release `wasm-cache serve` daemons in temp dirs (or the binary named by
+//! `WASM_CACHE_BENCH_BIN`, to compare with another build), fills one cache with 100 and the
+//! other with 10,000 small `file://` modules, then measures batches of fetch misses on each,
+//! alternating (so both see the same machine), with `CLIENTS` concurrent clients, and reports
+//! the median misses/s of each and their ratio. A miss reads a file, validates it, writes the
+//! blob and records it in the index; the goal is that its cost does not grow with the number
+//! of entries (misses/s at 10,000 within 1.5x of misses/s at 100).
 // A benchmark harness: writes its own fixture files and talks to the daemon's socket.
 #![allow(clippy::disallowed_methods)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-/// Cache sizes at which misses are measured.
+use std::path::Path;
+use std::time::Instant;
+
+use common::Daemon;
+
+/// Cache sizes compared.
 const SIZES: [usize; 2] = [100, 10_000];
-/// Misses measured at each size.
-const MEASURED: usize = 400;
+/// Misses per batch.
+const BATCH: usize = 100;
+/// Batches per size, alternating between the two daemons.
+const ROUNDS: usize = 7;
 /// Concurrent clients.
 const CLIENTS: usize = 4;
 
+/// One daemon with its own cache and module files.
+struct Bench {
+    /// The daemon.
+    daemon: Daemon,
+    /// Next module file not fetched yet.
+    next: usize,
+}
+
+impl Bench {
+    fn start(bin: &Path, modules: usize) -> Bench {
+        let daemon = Daemon::start(bin, |files| {
+            for i in 0..modules {
+                let m = wasm_cache::testkit::wasm_module(&format!("m{i}"), 64);
+                std::fs::write(files.join(format!("{i}.wasm")), m).unwrap();
+            }
+        });
+        Bench { daemon, next: 0 }
+    }
+
+    /// `n` misses; their rate.
+    async fn misses(&mut self, n: usize) -> f64 {
+        let t = Instant::now();
+        let d = &self.daemon;
+        misses(&d.client, &d.files, self.next..self.next + n).await;
+        self.next += n;
+        n as f64 / t.elapsed().as_secs_f64()
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn main() {
-    let bin = std::env::var_os("WASM_CACHE_BENCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_wasm-cache")));
-    let dir = tempfile::tempdir().unwrap();
-    let files = dir.path().join("files");
-    std::fs::create_dir_all(&files).unwrap();
-    let total = SIZES[SIZES.len() - 1] + MEASURED * SIZES.len();
-    for i in 0..total {
-        let m = wasm_cache::testkit::wasm_module(&format!("m{i}"), 64);
-        std::fs::write(files.join(format!("{i}.wasm")), m).unwrap();
-    }
-    let socket = dir.path().join("s.sock");
-    let config = dir.path().join("c.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "socket = {socket:?}\nadmin_socket = {:?}\ncache_dir = {:?}\n[file]\nallowed_roots = [{files:?}]\n",
-            dir.path().join("a.sock"),
-            dir.path().join("cache")
-        ),
-    )
-    .unwrap();
-    let mut daemon = Command::new(&bin)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("WASM_CACHE_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..400 {
-        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let bin = Daemon::binary();
+    println!("binary: {}", bin.display());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    println!("binary: {}", bin.display());
     rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .unix_socket(socket.clone())
-            .build()
-            .unwrap();
-        let mut next = 0;
-        let mut entries = 0;
+        let mut benches = Vec::new();
         for size in SIZES {
-            // Fill up to `size` entries (not timed), then time MEASURED misses.
-            misses(&client, &files, next..next + (size - entries)).await;
-            next += size - entries;
+            let mut b = Bench::start(&bin, size + BATCH * ROUNDS);
             let t = Instant::now();
-            misses(&client, &files, next..next + MEASURED).await;
-            let elapsed = t.elapsed();
-            next += MEASURED;
-            entries = size + MEASURED;
+            b.misses(size).await;
+            println!("filled {size} entries in {:.1?}", t.elapsed());
+            benches.push(b);
+        }
+        let mut rates = vec![Vec::new(); SIZES.len()];
+        for _ in 0..ROUNDS {
+            for (i, b) in benches.iter_mut().enumerate() {
+                rates[i].push(b.misses(BATCH).await);
+            }
+        }
+        let medians: Vec<f64> = rates.iter().map(|r| median(r.clone())).collect();
+        for (i, size) in SIZES.iter().enumerate() {
+            let shown: Vec<String> = rates[i].iter().map(|r| format!("{r:.0}")).collect();
             println!(
-                "misses at {size} entries: {MEASURED} in {elapsed:.2?} = {:.0} misses/s ({CLIENTS} clients)",
-                MEASURED as f64 / elapsed.as_secs_f64()
+                "misses at {size} entries: median {:.0} misses/s ({CLIENTS} clients, batches of {BATCH}: {})",
+                medians[i],
+                shown.join(" ")
             );
         }
+        println!(
+            "ratio (misses/s at {} / at {}): {:.2}",
+            SIZES[1],
+            SIZES[0],
+            medians[1] / medians[0]
+        );
     });
-    let _ = Command::new("kill").arg(daemon.id().to_string()).status();
-    let _ = daemon.wait();
 }
 
 /// Fetches modules `range` (each a miss) with `CLIENTS` clients.

@@ -11,7 +11,9 @@
 //! Goals (checked here, not in the test suite): one upstream fetch for the cold burst, and
 //! hits at p99 under 20 ms with 200 clients on a 2-core machine.
 
-use std::process::{Command, Stdio};
+mod common;
+
+use common::Daemon;
 use std::time::{Duration, Instant};
 
 const CLIENTS: usize = 200;
@@ -27,44 +29,16 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
-    let dir = tempfile::tempdir().unwrap();
-    let files = dir.path().join("files");
-    std::fs::create_dir_all(&files).unwrap();
-    std::fs::write(files.join("m.wasm"), module(1 << 20)).unwrap();
-    let socket = dir.path().join("s.sock");
-    let config = dir.path().join("c.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "socket = {socket:?}\nadmin_socket = {:?}\ncache_dir = {:?}\n[file]\nallowed_roots = [{files:?}]\n",
-            dir.path().join("a.sock"),
-            dir.path().join("cache")
-        ),
-    )
-    .unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_wasm-cache"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("WASM_CACHE_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..400 {
-        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let daemon = Daemon::start(&Daemon::binary(), |files| {
+        std::fs::write(files.join("m.wasm"), module(1 << 20)).unwrap();
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let url = format!("file://{}", files.join("m.wasm").display());
+    let url = daemon.file_url("m.wasm");
     rt.block_on(async {
-        let client = reqwest::Client::builder()
-            .unix_socket(socket.clone())
-            .build()
-            .unwrap();
+        let client = daemon.client.clone();
         let body = serde_json::json!({ "url": url });
 
         // Cold burst.
@@ -172,16 +146,11 @@ fn main() {
         );
     });
     let status =
-        std::fs::read_to_string(format!("/proc/{}/status", daemon.id())).unwrap_or_default();
+        std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap_or_default();
     for line in status
         .lines()
         .filter(|l| l.starts_with("VmHWM") || l.starts_with("VmRSS"))
     {
         println!("daemon {line}");
     }
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(daemon.id().to_string())
-        .status();
-    let _ = daemon.wait();
 }

@@ -83,39 +83,74 @@ pub async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A socket could not be bound (or is taken by another process).
+    #[error("binding {what} {path}: {source}")]
+    Bind {
+        /// Which socket (`socket`, `admin_socket`, `metrics_addr`).
+        what: &'static str,
+        /// Its path or address.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A socket systemd passed could not be adopted.
+    #[error("adopting inherited socket {index}: {source}")]
+    Inherit {
+        /// Its position in `LISTEN_FDS`.
+        index: usize,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The cache could not be opened.
+    #[error(transparent)]
+    Cache(#[from] crate::error::Error),
+    /// A server failed while serving.
+    #[error("serving: {0}")]
+    Serve(#[source] std::io::Error),
+    /// A server task panicked.
+    #[error("server task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// A socket inherited from systemd (`LISTEN_FDS`, index `idx`), or `None`.
-fn inherited(fds: &mut listenfd::ListenFd, idx: usize) -> Result<Option<UnixListener>, String> {
-    let Some(l) = fds
-        .take_unix_listener(idx)
-        .map_err(|e| format!("adopting inherited socket {idx}: {e}"))?
-    else {
+fn inherited(fds: &mut listenfd::ListenFd, idx: usize) -> Result<Option<UnixListener>, ServeError> {
+    let err = |source| ServeError::Inherit { index: idx, source };
+    let Some(l) = fds.take_unix_listener(idx).map_err(err)? else {
         return Ok(None);
     };
-    l.set_nonblocking(true)
-        .map_err(|e| format!("adopting inherited socket {idx}: {e}"))?;
-    UnixListener::from_std(l)
-        .map(Some)
-        .map_err(|e| format!("adopting inherited socket {idx}: {e}"))
+    l.set_nonblocking(true).map_err(err)?;
+    UnixListener::from_std(l).map(Some).map_err(err)
 }
 
 /// Runs the daemon until a shutdown signal. Sockets passed by systemd socket activation
 /// (`LISTEN_FDS`: the proxies' socket first, optionally the admin socket second) are used
 /// instead of binding; readiness is reported with `sd_notify` when `NOTIFY_SOCKET` is set.
-pub async fn serve(config: Config) -> Result<(), String> {
+pub async fn serve(config: Config) -> Result<(), ServeError> {
     let mut fds = listenfd::ListenFd::from_env();
     let (listener, own_socket) = match inherited(&mut fds, 0)? {
         Some(l) => (l, false),
         None => (
-            bind(&config.socket, config.socket_mode)
-                .map_err(|e| format!("binding {}: {e}", config.socket.display()))?,
+            bind(&config.socket, config.socket_mode).map_err(|source| ServeError::Bind {
+                what: "socket",
+                path: config.socket.display().to_string(),
+                source,
+            })?,
             true,
         ),
     };
     let (admin, own_admin) = match inherited(&mut fds, 1)? {
         Some(l) => (l, false),
         None => (
-            bind(&config.admin_socket, 0o600)
-                .map_err(|e| format!("binding {}: {e}", config.admin_socket.display()))?,
+            bind(&config.admin_socket, 0o600).map_err(|source| ServeError::Bind {
+                what: "admin_socket",
+                path: config.admin_socket.display().to_string(),
+                source,
+            })?,
             true,
         ),
     };
@@ -130,7 +165,7 @@ pub async fn serve(config: Config) -> Result<(), String> {
             if own_admin {
                 let _ = std::fs::remove_file(&config.admin_socket);
             }
-            return Err(e.to_string());
+            return Err(e.into());
         }
     };
     tracing::info!(
@@ -166,7 +201,11 @@ pub async fn serve(config: Config) -> Result<(), String> {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|e| format!("binding metrics_addr {addr}: {e}"))?;
+                .map_err(|source| ServeError::Bind {
+                    what: "metrics_addr",
+                    path: addr.to_string(),
+                    source,
+                })?;
             tracing::info!(%addr, "serving /metrics over TCP");
             let router = crate::server::metrics_router(service.clone());
             let stop = stopped(stop_rx.clone());
@@ -202,8 +241,8 @@ pub async fn serve(config: Config) -> Result<(), String> {
     for r in [r1, r2] {
         match r {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(format!("serving: {e}")),
-            Err(e) => return Err(format!("server task: {e}")),
+            Ok(Err(e)) => return Err(ServeError::Serve(e)),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())

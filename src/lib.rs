@@ -4,24 +4,31 @@
 //!
 //! One request flows top to bottom through these modules:
 //!
-//! - [`server`]: the proxies' socket API (axum on a unix listener), JSON in and out, errors
-//!   as codes; [`admin`]: the admin socket API (list, purge, stats).
-//! - [`service`]: the one place that decides (pull policy, tenant access, singleflight).
-//! - [`lifecycle`]: purges, expiry sweep, LRU eviction, blob integrity; [`metrics`]:
-//!   Prometheus counters.
+//! - [`server`]: the proxies' socket API (axum on a unix listener); [`admin`]: the admin
+//!   socket API (list, purge, stats); [`api`]: every wire type both sockets, the client and
+//!   the CLI share.
+//! - [`service`]: decides per request: [`service::plan`] (the index lookups behind the pull
+//!   policy), [`service::access`] (callers, access proofs, module-url tokens), and one
+//!   upstream operation per key through [`singleflight`].
 //! - [`policy`]: the pull-policy rules as a pure function.
-//! - [`source`]: parsing urls and OCI references.
-//! - [`fetch`]: the fetchers (`oci`, `http`, `file`), gzip/tar unwrapping, retries.
-//! - [`netguard`]: which addresses the daemon may connect to.
+//! - [`source`]: parsing urls and OCI references (the one Docker Hub alias list and host:port
+//!   parser).
+//! - [`fetch`]: the [`fetch::Upstream`] trait the service depends on, and its fetchers
+//!   (`oci` with its sessions, manifests and blobs; `http`; `file`), gzip/tar unwrapping,
+//!   retries; [`netguard`]: which addresses the daemon may connect to.
 //! - [`verify`]: Wasm validation; [`digest`]: sha256 parsing and hashing.
-//! - [`store`]: content-addressed blobs with crash-safe writes; [`index`]: what each
-//!   location resolved to, persisted.
-//! - [`auth`]: pull secrets and node credentials, secrets that never print, credential ids
-//!   and module-url tokens (HMACs under the node key).
-//! - [`config`]: the TOML file parsed once into validated settings.
+//! - [`cache`]: content-addressed blobs with crash-safe writes ([`cache::store`]), the
+//!   transactional index ([`cache::index`], redb), and the lifecycle ([`cache::lifecycle`]:
+//!   purge, expiry, LRU eviction, integrity).
+//! - [`auth`]: pull secrets, node credentials ([`auth::node`]) and credential helpers,
+//!   secrets that never print, credential ids and module-url tokens (HMACs under the node
+//!   key).
+//! - [`config`]: the TOML file parsed once into validated settings; [`metrics`]: Prometheus
+//!   counters.
 //! - [`daemon`]: socket binding (or systemd socket activation), startup and shutdown;
 //!   [`cli`], [`client`] and [`report`]: the command line and its output.
-//! - [`error`]: the error type and its stable wire codes.
+//! - [`error`]: the error type and its stable wire codes; [`testkit`]: Wasm modules for the
+//!   tests and benchmarks.
 
 pub mod admin;
 pub mod api;

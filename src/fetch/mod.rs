@@ -44,6 +44,21 @@ pub struct Fetched {
     pub etag: Option<String>,
 }
 
+impl Fetched {
+    /// A module from an http or file source: no manifest, no credential, no validator.
+    pub fn plain(file: NamedTempFile, digest: Digest, size: u64) -> Fetched {
+        Fetched {
+            file,
+            digest,
+            size,
+            image_digest: None,
+            index_digest: None,
+            credential: None,
+            etag: None,
+        }
+    }
+}
+
 /// All fetchers, built once from config.
 #[derive(Debug)]
 pub struct Fetchers {
@@ -238,15 +253,7 @@ pub async fn plain_module(
         unwrap_and_validate(store, downloaded, max_size, unpack::TarEntry::First, false)
             .await
             .map_err(Error::from)?;
-    Ok(Fetched {
-        file,
-        digest,
-        size,
-        image_digest: None,
-        index_digest: None,
-        credential: None,
-        etag: None,
-    })
+    Ok(Fetched::plain(file, digest, size))
 }
 
 /// Validates a module file as Wasm (off the async runtime).

@@ -166,13 +166,10 @@ impl Upstream for Fake {
             };
             let (file, digest, size) = self.write(&bytes).await?;
             Ok(Fetched {
-                file,
-                digest,
-                size,
                 image_digest,
-                index_digest: None,
                 credential,
                 etag,
+                ..Fetched::plain(file, digest, size)
             })
         }
         .boxed()
@@ -225,13 +222,8 @@ impl Upstream for Fake {
             }
             let (file, digest, size) = self.write(&bytes).await?;
             Ok(Some(Fetched {
-                file,
-                digest,
-                size,
-                image_digest: None,
-                index_digest: None,
-                credential: None,
                 etag: now,
+                ..Fetched::plain(file, digest, size)
             }))
         }
         .boxed()

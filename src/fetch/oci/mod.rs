@@ -5,8 +5,8 @@
 //! or Docker manifest list leading to one of them. Manifests and blobs are verified against
 //! their digests; blobs stream into temp files.
 //!
-//! [`session`]: sessions, tokens and the one challenge-and-retry path; [`manifest`]: manifests,
-//! indexes and the choice among them; [`blob`]: layer streaming.
+//! `session`: sessions, tokens and the one challenge-and-retry path; `manifest`: manifests,
+//! indexes and the choice among them; `blob`: layer streaming.
 
 mod blob;
 mod manifest;
