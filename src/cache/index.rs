@@ -433,12 +433,13 @@ impl Index {
         self.lock().access.get(source).cloned().unwrap_or_default()
     }
 
-    /// Records a grant for `source`.
+    /// Records a grant for `source` (a write only when something changed).
     pub async fn grant(&self, source: &str, grant: &Grant) -> Result<()> {
         {
             let mut st = self.lock();
             let a = st.access.entry(source.to_string()).or_default();
             match grant {
+                Grant::Public if a.public => return Ok(()),
                 Grant::Public => a.public = true,
                 Grant::Credential(id) => {
                     a.verified.insert(id.clone(), now_millis());
