@@ -42,6 +42,24 @@ pub struct RawConfig {
     pub auth: RawAuth,
     /// Cache lifecycle.
     pub cache: RawCache,
+    /// Bounds on request fields.
+    pub limits: RawLimits,
+}
+
+/// `[limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLimits {
+    /// Longest `url`, e.g. "8KiB".
+    pub url: Option<String>,
+    /// Longest `resourceName`.
+    pub resource_name: Option<String>,
+    /// Longest `resourceVersion`.
+    pub resource_version: Option<String>,
+    /// Largest `pullSecret`.
+    pub pull_secret: Option<String>,
+    /// Most `auths` entries in a pull secret.
+    pub pull_secret_entries: Option<usize>,
 }
 
 /// `[log]`.
@@ -164,6 +182,44 @@ pub struct Config {
     pub log_json: bool,
     /// Cache lifecycle.
     pub cache: CacheSettings,
+    /// Bounds on request fields.
+    pub limits: Limits,
+}
+
+/// `[limits]`, validated: the largest request fields accepted, in bytes. Over a limit is
+/// `invalid_request` naming the field, before any work is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `url`.
+    pub url: usize,
+    /// `resourceName`.
+    pub resource_name: usize,
+    /// `resourceVersion`.
+    pub resource_version: usize,
+    /// `pullSecret` (the Kubernetes Secret size limit by default).
+    pub pull_secret: usize,
+    /// `auths` entries in a pull secret.
+    pub pull_secret_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            url: 8 << 10,
+            resource_name: 512,
+            resource_version: 256,
+            pull_secret: 1 << 20,
+            pull_secret_entries: 256,
+        }
+    }
+}
+
+impl Limits {
+    /// The largest `POST /v1/fetch` body these limits allow (fields, JSON escaping of the
+    /// pull secret, and room for the rest).
+    pub fn fetch_body(&self) -> usize {
+        self.url + self.resource_name + self.resource_version + 2 * self.pull_secret + (64 << 10)
+    }
 }
 
 /// `[cache]`, validated.
@@ -516,7 +572,45 @@ impl RawConfig {
                 ));
             }
         };
+        let defaults = Limits::default();
+        let size_limit =
+            |key: &'static str, v: &Option<String>, default: usize| -> Result<usize, ConfigError> {
+                match v {
+                    None => Ok(default),
+                    Some(s) => {
+                        let n = parse_size(s).map_err(|m| invalid(key, m))?;
+                        if n == 0 || n > (64 << 20) {
+                            return Err(invalid(key, "must be between 1 byte and 64MiB"));
+                        }
+                        Ok(n as usize)
+                    }
+                }
+            };
+        let limits = Limits {
+            url: size_limit("limits.url", &self.limits.url, defaults.url)?,
+            resource_name: size_limit(
+                "limits.resource_name",
+                &self.limits.resource_name,
+                defaults.resource_name,
+            )?,
+            resource_version: size_limit(
+                "limits.resource_version",
+                &self.limits.resource_version,
+                defaults.resource_version,
+            )?,
+            pull_secret: size_limit(
+                "limits.pull_secret",
+                &self.limits.pull_secret,
+                defaults.pull_secret,
+            )?,
+            pull_secret_entries: match self.limits.pull_secret_entries {
+                None => defaults.pull_secret_entries,
+                Some(0) => return Err(invalid("limits.pull_secret_entries", "must be positive")),
+                Some(n) => n,
+            },
+        };
         Ok(Config {
+            limits,
             metrics_addr: self.metrics_addr,
             log_json,
             admin_socket: self.admin_socket.unwrap_or_else(default_admin_socket),

@@ -61,6 +61,7 @@ pub fn build_service(config: &Config) -> Result<Service, crate::error::Error> {
         Arc::new(fetchers),
         key,
         &config.auth,
+        config.limits,
         metrics,
     ))
 }

@@ -37,6 +37,7 @@ impl IntoResponse for ApiError {
 
 /// The router for the proxies' socket.
 pub fn router(service: Service) -> Router {
+    let body_limit = service.limits().fetch_body();
     Router::new()
         .route("/v1/fetch", post(fetch))
         .route("/v1/modules/{digest}", get(module))
@@ -44,6 +45,7 @@ pub fn router(service: Service) -> Router {
         .route("/readyz", get(|| async { "ready\n" }))
         .route("/metrics", get(metrics))
         .fallback(no_such_endpoint)
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(service)
 }
 
@@ -103,12 +105,18 @@ fn wants_wasm(headers: &HeaderMap) -> bool {
 async fn fetch(
     State(service): State<Service>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| {
+        Error::invalid(format!(
+            "request body: {e} (at most {} bytes, from [limits])",
+            service.limits().fetch_body()
+        ))
+    })?;
     let body: FetchBody = serde_json::from_slice(&body)
         .map_err(|e| Error::invalid(format!("invalid request body: {e}")))?;
     let plugin = body.plugin_name.clone().unwrap_or_default();
-    let req = FetchRequest::try_from(body)?;
+    let req = FetchRequest::from_body(body, service.limits())?;
     tracing::debug!(source = %req.source, plugin, "fetch request");
     let Outcome {
         record,

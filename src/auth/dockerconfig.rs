@@ -72,7 +72,7 @@ struct RawAuth {
 impl DockerConfig {
     /// Parses a payload: the JSON text, or its base64 form (as stored in a Secret's data).
     /// Errors name what is wrong, never the content.
-    pub fn parse(payload: &Secret) -> Result<DockerConfig> {
+    pub fn parse(payload: &Secret, max_entries: usize) -> Result<DockerConfig> {
         let text = payload.expose().trim();
         let decoded;
         let json = if text.starts_with('{') {
@@ -94,6 +94,12 @@ impl DockerConfig {
                 e.column()
             ))
         })?;
+        if raw.auths.len() > max_entries {
+            return Err(Error::invalid(format!(
+                "pullSecret has {} auths entries, more than the limit of {max_entries} ([limits] pull_secret_entries)",
+                raw.auths.len()
+            )));
+        }
         let mut entries = Vec::new();
         for (key, a) in raw.auths {
             let (user, pass) = match (a.auth, a.username, a.password) {
@@ -219,17 +225,41 @@ fn glob_host(pattern: &str, host: &str) -> bool {
     pp.len() == hp.len() && pp.iter().zip(&hp).all(|(p, h)| glob_part(p, h))
 }
 
+/// Longest label a glob part is matched against: a DNS label is at most 63 bytes, and a
+/// registry name that is not a host name never matches a glob.
+const MAX_LABEL: usize = 255;
+
+/// `*` matches any run of characters within one label. Greedy matching that backtracks only
+/// to the last `*`: at most `p.len() * h.len()` steps, never exponential (a key like
+/// `*a*a*a...*b` used to pin a worker).
 fn glob_part(p: &str, h: &str) -> bool {
-    match p.split_once('*') {
-        None => p == h,
-        Some((pre, rest)) => {
-            if !h.starts_with(pre) {
-                return false;
-            }
-            let h = &h[pre.len()..];
-            (0..=h.len()).any(|i| h.is_char_boundary(i) && glob_part(rest, &h[i..]))
+    if !p.contains('*') {
+        return p == h;
+    }
+    if p.len() > MAX_LABEL || h.len() > MAX_LABEL {
+        return false;
+    }
+    let (p, h) = (p.as_bytes(), h.as_bytes());
+    let (mut pi, mut hi) = (0, 0);
+    // Where the last `*` was, and the text position it is currently standing for.
+    let mut star: Option<(usize, usize)> = None;
+    while hi < h.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, hi));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == h[hi] {
+            pi += 1;
+            hi += 1;
+        } else if let Some((sp, sh)) = star {
+            // Let the last `*` take one more byte and retry from there.
+            pi = sp + 1;
+            hi = sh + 1;
+            star = Some((sp, sh + 1));
+        } else {
+            return false;
         }
     }
+    p[pi..].iter().all(|&b| b == b'*')
 }
 
 /// Rejects a payload that names no registry entry at all, with a message naming `registry`.
@@ -245,7 +275,7 @@ mod tests {
     use super::*;
 
     fn cfg(json: &str) -> DockerConfig {
-        DockerConfig::parse(&Secret::new(json)).unwrap()
+        DockerConfig::parse(&Secret::new(json), 256).unwrap()
     }
 
     fn users(c: &DockerConfig, reg: &str, repo: &str) -> Vec<String> {
@@ -303,13 +333,66 @@ mod tests {
     }
 
     #[test]
+    fn glob_parts_match_like_kubernetes() {
+        for (p, h, want) in [
+            ("*", "reg", true),
+            ("*", "", true),
+            ("r*g", "reg", true),
+            ("r*g", "rg", true),
+            ("r*g", "regx", false),
+            ("*a*b", "xaxxb", true),
+            ("*a*b", "xbxa", false),
+            ("a**", "abc", true),
+            ("ab", "ab", true),
+            ("ab", "abc", false),
+        ] {
+            assert_eq!(glob_part(p, h), want, "{p:?} ~ {h:?}");
+        }
+    }
+
+    /// Issue 9: `*a*a*a...*b.x` (30 stars) against a 60-letter label backtracked
+    /// exponentially on an async worker. It must answer at once; a regression would hang
+    /// here, so the match runs on a thread with a generous deadline.
+    #[test]
+    fn issue_9_a_thirty_star_glob_key_matches_in_linear_time() {
+        let key = format!("{}b.x", "*a".repeat(30));
+        let host = format!("{}.x", "a".repeat(60));
+        let secret = format!(r#"{{"auths":{{"{key}":{{"username":"u","password":"p"}}}}}}"#);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let c = cfg(&secret);
+            let _ = tx.send(users(&c, &host, "r").len());
+        });
+        let matched = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the glob match did not finish: it backtracks exponentially again");
+        assert_eq!(matched, 0);
+    }
+
+    #[test]
+    fn issue_9_a_pull_secret_with_too_many_entries_is_invalid() {
+        let entries: Vec<String> = (0..300)
+            .map(|i| format!(r#""r{i}.io":{{"username":"u","password":"p"}}"#))
+            .collect();
+        let json = format!(r#"{{"auths":{{{}}}}}"#, entries.join(","));
+        let err = DockerConfig::parse(&Secret::new(json.clone()), 256).unwrap_err();
+        assert_eq!(err.code, Code::InvalidRequest);
+        assert!(
+            err.message.contains("pull_secret_entries"),
+            "{}",
+            err.message
+        );
+        assert!(DockerConfig::parse(&Secret::new(json), 300).is_ok());
+    }
+
+    #[test]
     fn malformed_secrets_are_invalid_requests_that_do_not_echo_the_secret() {
         for bad in [
             "{not json",
             "%%%not-base64%%%",
             r#"{"auths":{"r.io":{"auth":"!!!hunter2"}}}"#,
         ] {
-            let err = DockerConfig::parse(&Secret::new(bad)).unwrap_err();
+            let err = DockerConfig::parse(&Secret::new(bad), 256).unwrap_err();
             assert_eq!(err.code, Code::InvalidRequest, "{bad}");
             assert!(
                 !err.message.contains("hunter2") && !err.message.contains("not json"),

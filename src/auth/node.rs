@@ -77,7 +77,8 @@ impl NodeCredentials {
             return Some(cfg.clone());
         }
         let parsed = match tokio::fs::read_to_string(path).await {
-            Ok(text) => DockerConfig::parse(&Secret::new(text)),
+            // The node's own file: no entry limit.
+            Ok(text) => DockerConfig::parse(&Secret::new(text), usize::MAX),
             Err(e) => Err(Error::internal("reading", e)),
         };
         match parsed {

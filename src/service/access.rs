@@ -63,6 +63,8 @@ pub struct Tenancy {
     verify: VerifyPolicy,
     /// Credentials for requests without a pull secret.
     node: NodeCredentials,
+    /// Most `auths` entries accepted in a pull secret.
+    max_secret_entries: usize,
 }
 
 /// True when a verification at `at` (unix ms) still counts under `policy`.
@@ -76,9 +78,10 @@ pub fn is_fresh(policy: VerifyPolicy, at: u64) -> bool {
 
 impl Tenancy {
     /// The rules of `auth`, with ids and tokens under `key`.
-    pub fn new(key: NodeKey, auth: &AuthSettings) -> Self {
+    pub fn new(key: NodeKey, auth: &AuthSettings, max_secret_entries: usize) -> Self {
         Tenancy {
             key,
+            max_secret_entries,
             verify: auth.verify,
             node: NodeCredentials::new(auth.docker_config.clone(), auth.allow_credential_helpers),
         }
@@ -93,7 +96,8 @@ impl Tenancy {
         };
         let (creds, from_secret) = match &req.pull_secret {
             Some(secret) => (
-                DockerConfig::parse(secret)?.matching(&r.registry, &r.repository),
+                DockerConfig::parse(secret, self.max_secret_entries)?
+                    .matching(&r.registry, &r.repository),
                 true,
             ),
             None => (self.node.for_ref(r).await, false),

@@ -16,7 +16,7 @@ use crate::auth::{NodeKey, Secret};
 use crate::cache::index::{Grant, Record, now_millis};
 use crate::cache::lifecycle::Selector;
 use crate::cache::{Cache, ModuleFile};
-use crate::config::AuthSettings;
+use crate::config::{AuthSettings, Limits};
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
 use crate::fetch::{Fetched, Upstream};
@@ -57,8 +57,43 @@ impl FetchRequest {
 impl TryFrom<FetchBody> for FetchRequest {
     type Error = Error;
 
-    /// Validates a wire body into a request.
+    /// Validates a wire body into a request, under the default [`Limits`].
     fn try_from(body: FetchBody) -> Result<FetchRequest> {
+        FetchRequest::from_body(body, &Limits::default())
+    }
+}
+
+/// `invalid_request` for a field over its limit.
+fn over_limit(field: &str, len: usize, max: usize) -> Error {
+    Error::invalid(format!(
+        "{field} is {len} bytes, more than the limit of {max} bytes ([limits])"
+    ))
+}
+
+impl FetchRequest {
+    /// Validates a wire body into a request: every field within `limits` (checked before
+    /// anything is parsed), then parsed.
+    pub fn from_body(body: FetchBody, limits: &Limits) -> Result<FetchRequest> {
+        let check = |field: &str, v: Option<&str>, max: usize| match v {
+            Some(v) if v.len() > max => Err(over_limit(field, v.len(), max)),
+            _ => Ok(()),
+        };
+        check("url", Some(&body.url), limits.url)?;
+        check(
+            "resourceName",
+            body.resource_name.as_deref(),
+            limits.resource_name,
+        )?;
+        check(
+            "resourceVersion",
+            body.resource_version.as_deref(),
+            limits.resource_version,
+        )?;
+        check(
+            "pullSecret",
+            body.pull_secret.as_ref().map(|s| s.expose()),
+            limits.pull_secret,
+        )?;
         let source = Source::parse(&body.url)?;
         let sha256 = match body.sha256.as_deref().map(str::trim) {
             None | Some("") => None,
@@ -112,6 +147,8 @@ struct Inner {
     flights: Flights<String, Result<Outcome>>,
     /// Prometheus metrics, also read by `stats`.
     metrics: Arc<Metrics>,
+    /// Bounds on request fields.
+    limits: Limits,
 }
 
 impl Service {
@@ -121,17 +158,24 @@ impl Service {
         upstream: Arc<dyn Upstream>,
         key: NodeKey,
         auth: &AuthSettings,
+        limits: Limits,
         metrics: Arc<Metrics>,
     ) -> Self {
         Service {
             inner: Arc::new(Inner {
                 cache,
                 upstream,
-                tenancy: Tenancy::new(key, auth),
+                tenancy: Tenancy::new(key, auth, limits.pull_secret_entries),
                 flights: Flights::new(),
                 metrics,
+                limits,
             }),
         }
+    }
+
+    /// The bounds on request fields.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
     }
 
     /// The cache.

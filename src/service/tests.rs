@@ -13,7 +13,7 @@ use futures_util::future::BoxFuture;
 use super::*;
 use crate::auth::Credential;
 use crate::cache::store::Store;
-use crate::config::{CacheSettings, VerifyPolicy};
+use crate::config::{CacheSettings, Limits, VerifyPolicy};
 use crate::fetch::KnownBlobs;
 use crate::fetch::oci::Authorized;
 
@@ -275,7 +275,10 @@ fn open(
         verify,
     };
     let upstream: Arc<dyn Upstream> = fake.clone();
-    (Service::new(cache, upstream, key, &auth, metrics), fake)
+    (
+        Service::new(cache, upstream, key, &auth, Limits::default(), metrics),
+        fake,
+    )
 }
 
 /// A request built the way the socket builds it.

@@ -210,3 +210,51 @@ async fn socket_mode_and_stale_socket_replacement() {
     let (s, _) = d.get("/healthz").await;
     assert_eq!(s, 200);
 }
+
+/// Issue 9: request fields had no length limit, so a client could grow the index without
+/// bound. Over a limit is `invalid_request` naming the field; a body past every limit is
+/// refused before it is parsed. Limits are config keys (`[limits]`).
+#[tokio::test]
+async fn issue_9_oversized_request_fields_are_invalid_request_naming_the_field() {
+    let d = Daemon::start(DaemonOpts {
+        tables: "[limits]\nresource_version = \"16B\"\n".into(),
+        ..Default::default()
+    });
+    let url = format!("file://{}", d.files_dir().join("none.wasm").display());
+    let cases = [
+        ("url", json!({"url": format!("{url}{}", "a".repeat(9000))})),
+        (
+            "resourceName",
+            json!({"url": url, "resourceName": "n".repeat(513), "resourceVersion": "1"}),
+        ),
+        (
+            "resourceVersion",
+            json!({"url": url, "resourceName": "ns/p", "resourceVersion": "7".repeat(17)}),
+        ),
+        (
+            "pullSecret",
+            json!({"url": "oci://127.0.0.1:1/a/b:1", "pullSecret": "x".repeat((1 << 20) + 1)}),
+        ),
+    ];
+    for (field, body) in cases {
+        let (status, v) = d.fetch(body).await;
+        assert_eq!(status, 400, "{field}: {v}");
+        assert_eq!(v["error"]["code"], "invalid_request", "{field}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.starts_with(field), "{field}: {msg}");
+    }
+    // A body larger than all limits together is refused as a whole.
+    let (status, v) = d
+        .fetch(json!({"url": url, "pluginName": "p".repeat(4 << 20)}))
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_request")),
+        "{v}"
+    );
+    // Within the limits, the daemon answers as usual.
+    let (status, _) = d
+        .fetch(json!({"url": url, "resourceVersion": "7".repeat(16)}))
+        .await;
+    assert_eq!(status, 404);
+}
