@@ -142,3 +142,28 @@ pub async fn send(
 ) -> std::result::Result<Response, Attempt> {
     req.send().await.map_err(|e| transport_error(url, e))
 }
+
+/// Reads a response body of at most `max` bytes into memory; a longer one (declared or
+/// streamed) is an `upstream_error` naming `what`, and nothing past `max` is buffered.
+pub async fn read_capped(resp: Response, max: usize, what: &str) -> Result<Vec<u8>> {
+    let too_long = || {
+        Error::new(
+            Code::UpstreamError,
+            format!("{what} answered more than {max} bytes"),
+        )
+    };
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_long());
+    }
+    let url = resp.url().to_string();
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+        let chunk = chunk.map_err(|e| transport_error(&url, e).error)?;
+        if body.len() + chunk.len() > max {
+            return Err(too_long());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}

@@ -652,3 +652,51 @@ async fn issue_8_a_token_rejected_at_the_blob_is_renewed_mid_pull() {
     );
     assert_eq!(t.proxy.count("GET /v2/tokens/midpull/blobs/"), 2);
 }
+
+/// Issue 9: a token answer with `"expires_in": 18446744073709551615` overflowed
+/// `Instant + Duration` inside the fetch: a panic, and the key answered `internal` until
+/// restart. Lifetimes are now clamped; the pull works and the next request too.
+#[tokio::test]
+async fn issue_9_an_absurd_token_lifetime_is_clamped() {
+    let t = token_registry();
+    t.tokens.set_user("lee", "lee-pw", &["tokens/forever"]);
+    let m = wasm_module("token-forever", 10);
+    push_solo(
+        &Pusher::with_token(&t.registry, "tokens/forever"),
+        "tokens/forever",
+        "v1",
+        &m,
+    )
+    .await;
+    t.tokens.set_expires_in(json!(u64::MAX));
+    let d = Daemon::start(DaemonOpts::default());
+    let url = format!("{}/tokens/forever:v1", t.proxy.addr);
+    let req = json!({"url": url, "pullPolicy": "Always", "pullSecret": docker_config(&[(&t.proxy.addr, "lee", "lee-pw")])});
+    assert_eq!(d.fetch_ok(req.clone()).await["cache"], "miss");
+    assert_eq!(d.fetch_ok(req).await["cache"], "revalidated");
+}
+
+/// Issue 9: the token answer was read into memory whole. It is now capped (64 KiB): a
+/// token service that sends megabytes is an `upstream_error`, not an allocation.
+#[tokio::test]
+async fn issue_9_a_huge_token_answer_is_refused_unread() {
+    let t = token_registry();
+    t.tokens.set_user("max", "max-pw", &["tokens/huge"]);
+    let m = wasm_module("token-huge", 10);
+    push_solo(
+        &Pusher::with_token(&t.registry, "tokens/huge"),
+        "tokens/huge",
+        "v1",
+        &m,
+    )
+    .await;
+    t.tokens.set_padding(8 << 20);
+    let d = Daemon::start(DaemonOpts::default());
+    let url = format!("{}/tokens/huge:v1", t.proxy.addr);
+    let req = json!({"url": url, "pullSecret": docker_config(&[(&t.proxy.addr, "max", "max-pw")])});
+    let (status, code) = d.fetch_err(req.clone()).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_error"));
+    // The same service answering normally again: the pull works.
+    t.tokens.set_padding(0);
+    assert_eq!(d.fetch_ok(req).await["cache"], "miss");
+}

@@ -14,7 +14,12 @@ use super::OciFetcher;
 use super::manifest::ACCEPT_MANIFESTS;
 use crate::auth::Credential;
 use crate::error::{Code, Error, Result};
-use crate::fetch::client::{Attempt, send, status_error, with_retries};
+use crate::fetch::client::{Attempt, read_capped, send, status_error, with_retries};
+
+/// Largest token service answer read (tokens are a few KiB; Docker Hub's are about 2 KiB).
+const MAX_TOKEN_ANSWER: usize = 64 << 10;
+/// Longest a token is cached, whatever `expires_in` says.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 use crate::source::OciRef;
 
 /// A registry endpoint for one repository and one credential (or none), with the token it
@@ -288,7 +293,13 @@ impl OciFetcher {
             #[serde(default)]
             expires_in: Option<u64>,
         }
-        let body: TokenResponse = resp.json().await.map_err(|_| {
+        let bytes = read_capped(
+            resp,
+            MAX_TOKEN_ANSWER,
+            &format!("registry {}: token service {shown}", s.registry),
+        )
+        .await?;
+        let body: TokenResponse = serde_json::from_slice(&bytes).map_err(|_| {
             Error::new(
                 Code::UpstreamError,
                 format!(
@@ -311,7 +322,12 @@ impl OciFetcher {
                 )
             })?;
         // Refresh a little before the registry would refuse it (60 s is the spec's default).
-        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).max(1));
+        // Clamped: a lifetime from upstream never overflows a deadline or outlives a day.
+        let lifetime = Duration::from_secs(
+            body.expires_in
+                .unwrap_or(60)
+                .clamp(1, MAX_TOKEN_LIFETIME.as_secs()),
+        );
         let expires = Instant::now() + lifetime.mul_f64(0.9);
         self.tokens
             .lock()

@@ -27,6 +27,10 @@ struct TokenState {
     /// The next token expires (for the registry, past its 60 s leeway) within seconds,
     /// although the answer says it lasts 300 s.
     short_next: Mutex<bool>,
+    /// What the answers claim as `expires_in` (300 s unless a test sets an absurd one).
+    expires_in: Mutex<serde_json::Value>,
+    /// Bytes of padding in each answer (a hostile token service sends megabytes).
+    padding: Mutex<usize>,
     /// Signing key.
     key: jsonwebtoken::EncodingKey,
     /// x5c header value (the signing certificate, DER, base64).
@@ -50,6 +54,8 @@ impl TokenServer {
             public: Mutex::default(),
             requests: Mutex::new(0),
             short_next: Mutex::new(false),
+            expires_in: Mutex::new(serde_json::json!(300)),
+            padding: Mutex::new(0),
             key,
             x5c: base64::engine::general_purpose::STANDARD.encode(der),
         });
@@ -87,6 +93,16 @@ impl TokenServer {
     /// Makes the next token one the registry stops accepting a few seconds from now.
     pub fn next_token_short_lived(&self) {
         *self.state.short_next.lock().unwrap() = true;
+    }
+
+    /// Makes every answer claim this `expires_in` (any JSON value).
+    pub fn set_expires_in(&self, v: serde_json::Value) {
+        *self.state.expires_in.lock().unwrap() = v;
+    }
+
+    /// Pads every answer with `n` bytes (in an unknown field).
+    pub fn set_padding(&self, n: usize) {
+        *self.state.padding.lock().unwrap() = n;
     }
 
     /// Token requests so far.
@@ -172,5 +188,8 @@ async fn issue_token(
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
     header.x5c = Some(vec![st.x5c.clone()]);
     let token = jsonwebtoken::encode(&header, &claims, &st.key).unwrap();
-    axum::Json(serde_json::json!({"token": token, "expires_in": 300})).into_response()
+    let expires_in = st.expires_in.lock().unwrap().clone();
+    let padding = "x".repeat(*st.padding.lock().unwrap());
+    axum::Json(serde_json::json!({"token": token, "expires_in": expires_in, "padding": padding}))
+        .into_response()
 }
