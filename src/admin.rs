@@ -22,6 +22,8 @@ pub fn router(service: Service) -> Router {
         .route("/v1/admin/stats", get(stats))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(crate::server::no_such_endpoint)
+        // Purge bodies are a few fields.
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 10))
         .with_state(service)
 }
 
@@ -29,9 +31,10 @@ pub fn router(service: Service) -> Router {
 pub async fn run(
     listener: UnixListener,
     service: Service,
+    conn: crate::config::ConnSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    crate::server::serve_unix(listener, router(service), shutdown).await
+    crate::listen::serve(listener, router(service), conn, shutdown).await
 }
 
 async fn list(State(s): State<Service>) -> impl IntoResponse {

@@ -44,6 +44,20 @@ pub struct RawConfig {
     pub cache: RawCache,
     /// Bounds on request fields.
     pub limits: RawLimits,
+    /// Bounds on connections to the sockets.
+    pub server: RawServer,
+}
+
+/// `[server]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawServer {
+    /// A request head must arrive within this, e.g. "10s".
+    pub header_read_timeout: Option<String>,
+    /// A connection with nothing in flight and no traffic for this long is closed.
+    pub idle_timeout: Option<String>,
+    /// Most connections open at once, per socket.
+    pub max_connections: Option<usize>,
 }
 
 /// `[limits]`.
@@ -184,6 +198,29 @@ pub struct Config {
     pub cache: CacheSettings,
     /// Bounds on request fields.
     pub limits: Limits,
+    /// Bounds on connections to the sockets.
+    pub conn: ConnSettings,
+}
+
+/// `[server]`, validated: bounds on every connection to the sockets and `metrics_addr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnSettings {
+    /// A request head must arrive within this (slow-header clients are dropped).
+    pub header_read_timeout: Duration,
+    /// A connection with nothing in flight and no traffic for this long is closed.
+    pub idle_timeout: Duration,
+    /// Most connections open at once per socket; more wait in the kernel's backlog.
+    pub max_connections: usize,
+}
+
+impl Default for ConnSettings {
+    fn default() -> Self {
+        ConnSettings {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+        }
+    }
 }
 
 /// `[limits]`, validated: the largest request fields accepted, in bytes. Over a limit is
@@ -609,7 +646,37 @@ impl RawConfig {
                 Some(n) => n,
             },
         };
+        let conn_defaults = ConnSettings::default();
+        let conn = ConnSettings {
+            header_read_timeout: duration(
+                "server.header_read_timeout",
+                &self.server.header_read_timeout,
+                conn_defaults.header_read_timeout,
+            )?,
+            idle_timeout: duration(
+                "server.idle_timeout",
+                &self.server.idle_timeout,
+                conn_defaults.idle_timeout,
+            )?,
+            max_connections: match self.server.max_connections {
+                None => conn_defaults.max_connections,
+                Some(n) if (1..=1 << 20).contains(&n) => n,
+                Some(_) => {
+                    return Err(invalid(
+                        "server.max_connections",
+                        "must be between 1 and 1048576",
+                    ));
+                }
+            },
+        };
+        if conn.header_read_timeout.is_zero() || conn.idle_timeout.is_zero() {
+            return Err(invalid(
+                "server",
+                "header_read_timeout and idle_timeout must be positive",
+            ));
+        }
         Ok(Config {
+            conn,
             limits,
             metrics_addr: self.metrics_addr,
             log_json,

@@ -195,6 +195,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let proxies = tokio::spawn(crate::server::run(
         listener,
         service.clone(),
+        config.conn,
         stopped(stop_rx.clone()),
     ));
     let metrics_server = match config.metrics_addr {
@@ -210,12 +211,20 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             tracing::info!(%addr, "serving /metrics over TCP");
             let router = crate::server::metrics_router(service.clone());
             let stop = stopped(stop_rx.clone());
-            Some(tokio::spawn(async move {
-                axum::serve(l, router).with_graceful_shutdown(stop).await
-            }))
+            Some(tokio::spawn(crate::listen::serve(
+                l,
+                router,
+                config.conn,
+                stop,
+            )))
         }
     };
-    let admin_server = tokio::spawn(crate::admin::run(admin, service.clone(), stopped(stop_rx)));
+    let admin_server = tokio::spawn(crate::admin::run(
+        admin,
+        service.clone(),
+        config.conn,
+        stopped(stop_rx),
+    ));
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!(error = %e, "sd_notify READY failed");
     }

@@ -6,7 +6,8 @@
 //!
 //! - [`server`]: the proxies' socket API (axum on a unix listener); [`admin`]: the admin
 //!   socket API (list, purge, stats); [`api`]: every wire type both sockets, the client and
-//!   the CLI share.
+//!   the CLI share; [`listen`]: the connection loop that bounds every connection (header
+//!   and idle timeouts, a cap on open connections).
 //! - [`service`]: decides per request: [`service::plan`] (the index lookups behind the pull
 //!   policy), [`service::access`] (callers, access proofs, module-url tokens), and one
 //!   upstream operation per key through [`singleflight`].
@@ -41,6 +42,7 @@ pub mod daemon;
 pub mod digest;
 pub mod error;
 pub mod fetch;
+pub mod listen;
 pub mod metrics;
 pub mod netguard;
 pub mod policy;

@@ -14,6 +14,7 @@ use tokio_util::io::ReaderStream;
 
 use crate::api::{ErrorBody, FetchBody, FetchResponse, ModuleQuery};
 use crate::cache::ModuleFile;
+use crate::config::ConnSettings;
 use crate::digest::Digest;
 use crate::error::{Code, Error};
 use crate::service::{FetchRequest, Outcome, Service};
@@ -59,20 +60,10 @@ pub async fn no_such_endpoint() -> Response {
 pub async fn run(
     listener: UnixListener,
     service: Service,
+    conn: ConnSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_unix(listener, router(service), shutdown).await
-}
-
-/// Serves `app` on a unix listener until `shutdown` completes.
-pub async fn serve_unix(
-    listener: UnixListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    crate::listen::serve(listener, router(service), conn, shutdown).await
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -258,3 +258,61 @@ async fn issue_9_oversized_request_fields_are_invalid_request_naming_the_field()
         .await;
     assert_eq!(status, 404);
 }
+
+/// Reads from a raw connection until the daemon closes it; false if it stays open `within`.
+fn closed_within(s: &mut std::os::unix::net::UnixStream, within: std::time::Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Issue 9: the sockets had no header-read timeout, no idle timeout and no connection limit,
+/// so slow or idle connections held resources forever. A slow header and an idle keep-alive
+/// connection are now closed, and with every connection slot taken by silent clients a real
+/// request still gets through once they are dropped.
+#[tokio::test]
+async fn issue_9_slow_idle_and_excess_connections_are_bounded() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+    let d = Daemon::start(DaemonOpts {
+        tables:
+            "[server]\nheader_read_timeout = \"1s\"\nidle_timeout = \"2s\"\nmax_connections = 8\n"
+                .into(),
+        ..Default::default()
+    });
+    // A header that never ends.
+    let mut slow = UnixStream::connect(&d.socket).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(15)),
+        "slow header kept open"
+    );
+    // A keep-alive connection that goes quiet after one request.
+    let mut idle = UnixStream::connect(&d.socket).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(15)),
+        "idle connection kept open"
+    );
+    // Every slot taken by clients that say nothing: a real request waits for a slot, and
+    // gets one when the daemon drops them.
+    let silent: Vec<UnixStream> = (0..8)
+        .map(|_| UnixStream::connect(&d.socket).unwrap())
+        .collect();
+    let (s, _) = tokio::time::timeout(Duration::from_secs(30), d.get("/healthz"))
+        .await
+        .expect("a request never got a connection slot");
+    assert_eq!(s, 200);
+    drop(silent);
+}
