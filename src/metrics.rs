@@ -27,6 +27,8 @@ pub struct Metrics {
     pub purged: IntCounter,
     /// Blobs dropped because their bytes no longer matched their digest.
     pub corrupt: IntCounter,
+    /// Index databases found damaged at start (kept aside; the daemon started without them).
+    pub index_damaged: IntCounter,
     /// Cached modules (set at each scrape).
     pub entries: IntGauge,
     /// Bytes of cached modules (set at each scrape).
@@ -121,6 +123,10 @@ impl Metrics {
             corrupt: counter(
                 "wasm_cache_corrupt_blobs_total",
                 "Cached blobs dropped because their bytes no longer matched their digest.",
+            ),
+            index_damaged: counter(
+                "wasm_cache_index_damaged_total",
+                "Index databases found damaged at start and kept aside for inspection.",
             ),
             entries: gauge("wasm_cache_entries", "Cached modules."),
             bytes: gauge("wasm_cache_bytes", "Bytes of cached modules."),

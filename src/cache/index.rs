@@ -138,7 +138,13 @@ pub struct Index {
     state: Arc<Mutex<State>>,
     /// The database; its write transactions are serialised by redb itself.
     db: Arc<Database>,
+    /// Where a damaged database found at this start was kept aside.
+    damaged: Option<std::path::PathBuf>,
 }
+
+/// Prefix of a damaged database kept aside (`index.redb.damaged-<unix ms>`). While one is
+/// present, blobs no record points to are kept: they may be all that is left of the cache.
+const DAMAGED_PREFIX: &str = "index.redb.damaged-";
 
 /// Milliseconds since the unix epoch.
 pub fn now_millis() -> u64 {
@@ -179,22 +185,46 @@ impl Index {
     /// is touched (a damaged index must never cost the cache).
     pub fn open(store: &Store) -> Result<Index> {
         let path = store.root().join(DB_FILE);
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => Error::internal(
+        let opened = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => Err(Error::internal(
                 &format!("opening {}", path.display()),
                 "another wasm-cache process is using this cache_dir",
-            ),
-            e => db_err(e),
-        })?;
+            )),
+            e => Ok(e),
+        });
+        let (db, damaged) = match opened {
+            Ok(db) => (db, None),
+            Err(Err(in_use)) => return Err(in_use),
+            Err(Ok(e)) => {
+                // Damaged: kept aside for inspection, never used to decide what to delete.
+                let aside = format!("{DAMAGED_PREFIX}{}", now_millis());
+                store.rename_meta(DB_FILE, &aside)?;
+                tracing::error!(
+                    error = %e,
+                    kept_as = %store.root().join(&aside).display(),
+                    "the cache index is damaged; starting with an empty index and keeping every blob"
+                );
+                (
+                    Database::create(&path).map_err(db_err)?,
+                    Some(store.root().join(aside)),
+                )
+            }
+        };
         let index = Index {
             state: Arc::new(Mutex::new(State::default())),
             db: Arc::new(db),
+            damaged,
         };
         index.create_tables()?;
         index.migrate_legacy(store)?;
         index.load()?;
         index.drop_missing(store)?;
         Ok(index)
+    }
+
+    /// Where a damaged database found at this start was kept aside, if one was.
+    pub fn damaged(&self) -> Option<&std::path::Path> {
+        self.damaged.as_deref()
     }
 
     fn create_tables(&self) -> Result<()> {
@@ -310,6 +340,12 @@ impl Index {
                 "dropped index records whose module blob is missing"
             );
             self.write(rows)?;
+        }
+        if store.has_meta_prefixed(DAMAGED_PREFIX)? {
+            tracing::warn!(
+                "a damaged index is kept in the cache dir; blobs no record points to are kept until it is removed"
+            );
+            return Ok(());
         }
         let referenced: BTreeSet<Digest> = self.lock().records.values().map(|r| r.module).collect();
         let mut orphans = 0;
@@ -756,6 +792,35 @@ mod tests {
         drop(index);
         let reopened = Index::open(&store).unwrap();
         assert_eq!(reopened.get("oci://r/x:a").unwrap().versions.len(), 20);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_database_is_kept_aside_and_costs_no_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let index = Index::open(&store).unwrap();
+        let d = blob(&store, b"module");
+        put(&index, record("oci://r/x:a", d)).await;
+        drop(index);
+        // What a bad disk left (written around the store on purpose).
+        std::fs::File::create(dir.path().join(DB_FILE))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"garbage"))
+            .unwrap();
+        let index = Index::open(&store).unwrap();
+        let aside = index.damaged().expect("damage noticed").to_path_buf();
+        assert!(aside.exists());
+        assert!(index.is_empty());
+        assert!(store.has(&d), "the blob is kept");
+        drop(index);
+        // Later starts keep unreferenced blobs while the damaged copy is there...
+        let index = Index::open(&store).unwrap();
+        assert!(index.damaged().is_none());
+        assert!(store.has(&d));
+        drop(index);
+        // ...and clean them up once an operator removed it.
+        std::fs::remove_file(aside).unwrap();
+        Index::open(&store).unwrap();
+        assert!(!store.has(&d));
     }
 
     #[tokio::test]

@@ -58,6 +58,9 @@ impl Cache {
     ) -> Result<Cache> {
         let store = Store::open(root)?;
         let index = Index::open(&store)?;
+        if index.damaged().is_some() {
+            metrics.index_damaged.inc();
+        }
         Ok(Cache {
             store,
             index,

@@ -163,6 +163,17 @@ impl Store {
         sync_dir(&self.root)
     }
 
+    /// True when a metadata file whose name starts with `prefix` exists. Blocking.
+    pub fn has_meta_prefixed(&self, prefix: &str) -> Result<bool> {
+        for e in fs::read_dir(&self.root).map_err(|e| io("listing", &self.root, e))? {
+            let e = e.map_err(|e| io("listing", &self.root, e))?;
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Reads the metadata file `name`, `None` when absent.
     pub fn read_meta(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let p = self.root.join(name);

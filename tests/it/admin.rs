@@ -415,3 +415,66 @@ async fn purges_racing_fetches_leave_a_consistent_cache() {
         );
     }
 }
+
+/// Issue 9: a damaged index made the daemon start empty and then delete every blob as an
+/// orphan. The damaged file is now kept aside, the daemon starts, says so in its log and a
+/// metric, keeps every blob, and serves again once the module is fetched.
+#[tokio::test]
+async fn issue_9_a_damaged_index_costs_no_blob() {
+    let mut d = Daemon::start(DaemonOpts::default());
+    let m = wasm_module("damaged-index", 100);
+    std::fs::write(d.files_dir().join("m.wasm"), &m).unwrap();
+    let url = format!("file://{}", d.files_dir().join("m.wasm").display());
+    assert_eq!(d.fetch_ok(json!({"url": url})).await["cache"], "miss");
+    d.stop();
+    let index = d.cache_dir.join("index.redb");
+    std::fs::write(
+        &index,
+        b"this is not a database, it is what a bad disk left",
+    )
+    .unwrap();
+    d.restart();
+    let (s, _) = d.get("/healthz").await;
+    assert_eq!(s, 200);
+    assert!(
+        d.log_text().contains("the cache index is damaged"),
+        "{}",
+        d.log_text()
+    );
+    let (_, metrics) = d.get("/metrics").await;
+    assert!(
+        String::from_utf8_lossy(&metrics).contains("wasm_cache_index_damaged_total 1"),
+        "no damaged-index metric"
+    );
+    let kept: Vec<_> = std::fs::read_dir(&d.cache_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("index.redb.damaged-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "the damaged index is kept for inspection");
+    assert!(
+        d.cache_dir
+            .join("blobs/sha256")
+            .join(&sha(&m)[7..])
+            .exists(),
+        "the blob survived"
+    );
+    // A second start (the damaged copy still there) keeps the blob too.
+    d.stop();
+    d.restart();
+    assert!(
+        d.cache_dir
+            .join("blobs/sha256")
+            .join(&sha(&m)[7..])
+            .exists()
+    );
+    // The module is served again after a fetch.
+    let again = d.fetch_ok(json!({"url": url})).await;
+    assert_eq!(again["digest"], sha(&m));
+    let (s, body) = d.get(again["moduleUrl"].as_str().unwrap()).await;
+    assert_eq!((s, body), (200, m));
+}
