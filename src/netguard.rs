@@ -22,6 +22,10 @@ const DEFAULT_DENY: &[&str] = &[
     "224.0.0.0/4",
     "255.255.255.255/32",
     "100.100.100.200/32",
+    // Carrier-grade NAT (shared address space), and the Azure and Oracle metadata services.
+    "100.64.0.0/10",
+    "168.63.129.16/32",
+    "192.0.0.192/32",
     "::/128",
     "::1/128",
     "fe80::/10",
@@ -62,6 +66,12 @@ impl NetGuard {
     /// True when connecting to `ip` is allowed.
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
+        // An IPv6 form of an IPv4 address is refused when the IPv4 address would be.
+        if let Some(v4) = embedded_ipv4(ip)
+            && !self.allows(IpAddr::V4(v4))
+        {
+            return false;
+        }
         if self.deny.iter().any(|n| n.contains(&ip)) {
             return false;
         }
@@ -91,6 +101,25 @@ impl NetGuard {
         Arc::new(GuardedResolver {
             guard: Arc::clone(self),
         })
+    }
+}
+
+/// The IPv4 address inside a NAT64 (`64:ff9b::/96`), 6to4 (`2002::/16`) or IPv4-compatible
+/// (`::a.b.c.d`) IPv6 address. (IPv4-mapped addresses are canonicalised before.)
+fn embedded_ipv4(ip: IpAddr) -> Option<std::net::Ipv4Addr> {
+    let IpAddr::V6(v6) = ip else { return None };
+    let seg = v6.segments();
+    let from = |hi: u16, lo: u16| {
+        let [a, b] = hi.to_be_bytes();
+        let [c, d] = lo.to_be_bytes();
+        std::net::Ipv4Addr::new(a, b, c, d)
+    };
+    match seg {
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(from(hi, lo)),
+        [0x2002, hi, lo, ..] => Some(from(hi, lo)),
+        // `::` and `::1` are IPv6's own unspecified and loopback addresses.
+        [0, 0, 0, 0, 0, 0, hi, lo] if (hi, lo) > (0, 1) => Some(from(hi, lo)),
+        _ => None,
     }
 }
 
@@ -170,6 +199,44 @@ mod tests {
         for ok in ["10.1.2.3", "8.8.8.8", "2001:db8::1"] {
             assert!(g.allows(ok.parse().unwrap()), "{ok}");
         }
+    }
+
+    /// Issue 9: IPv6 spellings of refused IPv4 addresses, shared address space and the
+    /// other clouds' metadata addresses got through.
+    #[test]
+    fn issue_9_ipv6_forms_of_refused_ipv4_and_more_metadata_addresses_are_refused() {
+        let g = NetGuard::new(vec![], vec![]);
+        for bad in [
+            "64:ff9b::7f00:1",    // NAT64 of 127.0.0.1
+            "64:ff9b::a9fe:a9fe", // NAT64 of 169.254.169.254
+            "2002:7f00:1::",      // 6to4 of 127.0.0.1
+            "2002:a9fe:a9fe::1",  // 6to4 of 169.254.169.254
+            "::127.0.0.1",        // IPv4-compatible
+            "::169.254.169.254",
+            "100.64.0.1",
+            "100.127.255.254",
+            "168.63.129.16",
+            "192.0.0.192",
+        ] {
+            assert!(!g.allows(bad.parse().unwrap()), "{bad}");
+        }
+        for ok in [
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+            "::8.8.8.8",
+            "100.128.0.1",
+        ] {
+            assert!(g.allows(ok.parse().unwrap()), "{ok}");
+        }
+        // Re-allowing the IPv4 range re-allows its IPv6 forms.
+        let g = NetGuard::new(
+            vec![
+                "127.0.0.0/8".parse().unwrap(),
+                "64:ff9b::/96".parse().unwrap(),
+            ],
+            vec![],
+        );
+        assert!(g.allows("64:ff9b::7f00:1".parse().unwrap()));
     }
 
     #[test]

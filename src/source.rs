@@ -32,6 +32,31 @@ pub fn canonical_registry(host: &str) -> String {
     }
 }
 
+/// True when `registry` is `host[:port]` as the distribution reference grammar allows: DNS
+/// labels of letters, digits and inner hyphens (at most 63 bytes each, 253 in all), an IPv4
+/// address, or an IPv6 address in brackets; a port of 1 to 5 digits up to 65535.
+pub fn valid_registry(registry: &str) -> bool {
+    let (host, port) = split_port(registry);
+    if let Some(p) = port
+        && (p.len() > 5 || p.parse::<u32>().map_or(true, |n| n > 65535))
+    {
+        return false;
+    }
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return inner.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b.len() <= 63
+                && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
+}
+
 /// Splits `host[:port]` into the host and the port, when the part after the last `:` is a
 /// non-empty run of digits (so an IPv6 literal in brackets keeps its colons). The one
 /// host:port parser.
@@ -218,6 +243,11 @@ impl OciRef {
             None => (DOCKER_HUB.to_string(), format!("library/{path}")),
         };
         let registry = canonical_registry(&registry);
+        if !valid_registry(&registry) {
+            return Err(bad(
+                "the registry must be a host name or IP address with an optional port",
+            ));
+        }
         if registry.is_empty() {
             return Err(bad("empty registry"));
         }
@@ -294,6 +324,40 @@ impl fmt::Display for OciRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 9: a registry name outside the reference grammar reached credential matching
+    /// and the network.
+    #[test]
+    fn issue_9_registry_hosts_outside_the_reference_grammar_are_invalid() {
+        for bad in [
+            "oci://reg#x.io/r:1",
+            "oci://a?b.io/r:1",
+            "oci://a\\b.io/r:1",
+            "oci://a b.io/r:1",
+            "oci://a\u{1}b.io/r:1",
+            "oci://-a.io/r:1",
+            "oci://a-.io/r:1",
+            "oci://a..io/r:1",
+            "oci://reg.io:99999/r:1",
+            "oci://reg.io:/r:1",
+            "oci://[::1/r:1",
+            "oci://[nope]:5000/r:1",
+        ] {
+            let e = Source::parse(bad).unwrap_err();
+            assert_eq!(e.code, crate::error::Code::InvalidRequest, "{bad}");
+        }
+        for good in [
+            "oci://reg.example.com/r:1",
+            "oci://reg.example.com:5000/r:1",
+            "oci://127.0.0.1:5000/r:1",
+            "oci://[::1]:5000/r:1",
+            "oci://localhost/r:1",
+            "oci://localhost:5000/r:1",
+            "oci://xn--bcher-kva.example/r:1",
+        ] {
+            assert!(Source::parse(good).is_ok(), "{good}");
+        }
+    }
 
     fn oci(s: &str) -> OciRef {
         match Source::parse(s).unwrap() {

@@ -544,3 +544,31 @@ async fn network_guard_refuses_loopback_registries_by_default() {
         "nothing reached the registry"
     );
 }
+
+/// Issue 9: an insecure registry whose HTTPS probe failed was remembered as plain HTTP for
+/// good, so a registry that was down at first contact and came back with TLS was never
+/// reached again. Only a scheme the registry answered on is remembered.
+#[tokio::test]
+async fn issue_9_a_registry_down_at_first_contact_is_not_remembered_as_plain_http() {
+    let port = free_port();
+    let d = Daemon::start(DaemonOpts::default());
+    let url = format!("oci://127.0.0.1:{port}/probe/late:v1");
+    let (_, code) = d.fetch_err(json!({"url": url})).await;
+    assert_eq!(code, "upstream_error");
+    let opts = RegistryOpts {
+        tls: true,
+        port: Some(port),
+        ..Default::default()
+    };
+    let registry = Registry::start_with(opts.clone());
+    let m = wasm_module("late-tls", 10);
+    push_solo(
+        &Pusher::for_registry(&registry, &opts),
+        "probe/late",
+        "v1",
+        &m,
+    )
+    .await;
+    let body = d.fetch_ok(json!({"url": url})).await;
+    assert_eq!(body["digest"], sha(&m));
+}

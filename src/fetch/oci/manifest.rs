@@ -217,9 +217,22 @@ pub(super) fn pick_from_index(entries: &[Descriptor]) -> Option<&Descriptor> {
         .copied()
 }
 
+/// A digest inside a manifest or index: exactly `sha256:` and 64 lowercase hex digits, or the
+/// manifest is `invalid_module` (its digests become request paths).
 pub(super) fn parse_digest(s: &str, what: &str) -> Result<Digest> {
+    let ok = s.len() == 71
+        && s.starts_with("sha256:")
+        && s[7..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !ok {
+        let shown: String = s.chars().take(80).collect();
+        return Err(Error::new(
+            Code::InvalidModule,
+            format!("{what} {shown:?} is not sha256:<64 lowercase hex digits>"),
+        ));
+    }
     s.parse()
-        .map_err(|e: Error| Error::new(Code::UpstreamError, format!("{what}: {}", e.message)))
 }
 
 #[cfg(test)]
@@ -243,6 +256,22 @@ mod tests {
                 os: os.into(),
             }),
             annotations,
+        }
+    }
+
+    #[test]
+    fn issue_9_digests_in_manifests_must_be_sha256_hex() {
+        let good = format!("sha256:{}", "ab".repeat(32));
+        assert!(parse_digest(&good, "layer digest").is_ok());
+        for bad in [
+            format!("sha256:{}", "AB".repeat(32)),
+            format!("sha512:{}", "ab".repeat(32)),
+            format!("sha256:{}/../../x", "ab".repeat(32)),
+            "ab".repeat(32),
+            "../../v2/other/manifests/latest".to_string(),
+        ] {
+            let e = parse_digest(&bad, "layer digest").unwrap_err();
+            assert_eq!(e.code, Code::InvalidModule, "{bad}");
         }
     }
 

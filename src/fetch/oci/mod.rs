@@ -152,7 +152,7 @@ impl OciFetcher {
                                 ),
                             )
                         })?;
-                    reference = entry.digest.clone();
+                    reference = parse_digest(&entry.digest, "index entry digest")?.to_string();
                 }
                 OCI_MANIFEST | DOCKER_MANIFEST => {
                     let layers = doc.layers.unwrap_or_default();

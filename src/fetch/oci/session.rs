@@ -15,12 +15,12 @@ use super::manifest::ACCEPT_MANIFESTS;
 use crate::auth::Credential;
 use crate::error::{Code, Error, Result};
 use crate::fetch::client::{Attempt, read_capped, send, status_error, with_retries};
+use crate::source::OciRef;
 
 /// Largest token service answer read (tokens are a few KiB; Docker Hub's are about 2 KiB).
 const MAX_TOKEN_ANSWER: usize = 64 << 10;
 /// Longest a token is cached, whatever `expires_in` says.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-use crate::source::OciRef;
 
 /// A registry endpoint for one repository and one credential (or none), with the token it
 /// earned. Credentials never cross sessions: tenant A's login is never sent for tenant B.
@@ -41,6 +41,9 @@ pub(super) struct Session<'a> {
     pub(super) token: Option<String>,
     /// Key of this session's token in the token cache.
     pub(super) token_key: String,
+    /// An insecure registry's host whose scheme was guessed (HTTPS failed, so plain HTTP):
+    /// remembered only once the registry answers on it.
+    pub(super) unconfirmed_scheme: Option<String>,
 }
 
 impl OciFetcher {
@@ -55,10 +58,10 @@ impl OciFetcher {
         let probe = Url::parse(&format!("https://{host}/v2/"))
             .map_err(|e| Error::invalid(format!("invalid registry {host}: {e}")))?;
         self.guard.check_url(&probe)?;
-        let scheme = if insecure {
+        let (scheme, confirmed) = if insecure {
             self.probe_scheme(&host).await
         } else {
-            "https"
+            ("https", true)
         };
         let base = Url::parse(&format!("{scheme}://{host}/v2/{}/", r.repository))
             .map_err(|e| Error::invalid(format!("invalid registry {host}: {e}")))?;
@@ -82,6 +85,7 @@ impl OciFetcher {
             token: None,
             cred: cred.cloned(),
             basic: false,
+            unconfirmed_scheme: (!confirmed).then_some(host),
         }
         .with_cached_token(self))
     }
@@ -118,25 +122,29 @@ impl OciFetcher {
     }
 
     /// For an insecure registry: HTTPS (unverified) if it answers TLS, else plain HTTP.
-    pub(super) async fn probe_scheme(&self, host: &str) -> &'static str {
+    pub(super) async fn probe_scheme(&self, host: &str) -> (&'static str, bool) {
         if let Some(s) = self
             .schemes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(host)
         {
-            return s;
+            return (s, true);
         }
         let url = format!("https://{host}/v2/");
-        let scheme = match self.insecure.get(&url).send().await {
-            Ok(_) => "https",
-            Err(_) => "http",
-        };
+        if self.insecure.get(&url).send().await.is_err() {
+            // Not remembered: the registry may just be down, and come back with TLS.
+            return ("http", false);
+        }
+        self.remember_scheme(host, "https");
+        ("https", true)
+    }
+
+    fn remember_scheme(&self, host: &str, scheme: &'static str) {
         self.schemes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(host.to_string(), scheme);
-        scheme
     }
 
     /// Sends a request with retries. On a 401 it answers the challenge once: a Bearer token
@@ -154,6 +162,10 @@ impl OciFetcher {
                 self.send_once(s, method.clone(), path, accept)
             })
             .await?;
+            // The registry answered over plain HTTP: that guess is now a fact.
+            if let Some(host) = s.unconfirmed_scheme.take() {
+                self.remember_scheme(&host, "http");
+            }
             if resp.status() == StatusCode::UNAUTHORIZED && !answered {
                 answered = true;
                 let challenge = resp

@@ -22,6 +22,8 @@ pub struct RegistryOpts {
     pub basic_users: Vec<(String, String)>,
     /// Bearer token auth with this realm (a [`TokenServer`]'s url, or any url to test).
     pub token_realm: Option<String>,
+    /// Listen on this loopback port instead of a free one.
+    pub port: Option<u16>,
 }
 
 impl Registry {
@@ -33,7 +35,7 @@ impl Registry {
     /// Starts a registry set up as `opts` says.
     pub fn start_with(opts: RegistryOpts) -> Registry {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = opts.port.unwrap_or_else(free_port);
         let addr = format!("127.0.0.1:{port}");
         let config = dir.path().join("config.yml");
         let mut yaml = format!(
