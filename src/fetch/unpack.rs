@@ -45,6 +45,12 @@ pub enum UnpackError {
         /// The cap.
         max: u64,
     },
+    /// The archive (headers and skipped entries included) is over the module cap plus
+    /// [`ARCHIVE_OVERHEAD`].
+    #[error(
+        "the archive holds more than the maximum module size plus 1 MiB (headers and skipped entries count)"
+    )]
+    ArchiveTooLarge,
     /// The store or the validator failed.
     #[error(transparent)]
     Other(#[from] Error),
@@ -58,7 +64,7 @@ impl From<UnpackError> for Error {
             | UnpackError::NotTar
             | UnpackError::NoRegularFile
             | UnpackError::NoPluginWasm => Code::InvalidModule,
-            UnpackError::TooLarge { .. } => Code::TooLarge,
+            UnpackError::TooLarge { .. } | UnpackError::ArchiveTooLarge => Code::TooLarge,
             UnpackError::Other(inner) => return inner.clone(),
         };
         Error::new(code, e.to_string())
@@ -117,8 +123,14 @@ pub fn unwrap(
         .read_to_end(&mut head)
         .map_err(|e| bad_archive(gz, e))?;
     if tar_magic(&head) {
-        let chained = std::io::Cursor::new(head).chain(reader);
-        return extract_tar(store, chained, max_size, entry)
+        // Every byte of the archive counts: headers of every kind (pax, GNU long names, which
+        // the tar reader buffers whole) and skipped entries, not only the module.
+        let budget = max_size.saturating_add(ARCHIVE_OVERHEAD);
+        let counted = Counted {
+            inner: std::io::Cursor::new(head).chain(reader),
+            left: budget,
+        };
+        return extract_tar(store, counted, max_size, entry)
             .map(|(f, d, s)| Unwrapped::Extracted(f, d, s));
     }
     if require_tar {
@@ -132,7 +144,55 @@ pub fn unwrap(
     Ok(Unwrapped::Extracted(f, d, s))
 }
 
+/// Room for tar headers and padding beyond the module itself.
+const ARCHIVE_OVERHEAD: u64 = 1 << 20;
+
+/// Why a [`Counted`] reader stopped.
+#[derive(Debug, thiserror::Error)]
+#[error("the archive is larger than its budget")]
+struct OverBudget;
+
+/// A reader that fails once more than `left` bytes were read through it.
+struct Counted<R> {
+    /// The archive stream.
+    inner: R,
+    /// Bytes it may still yield.
+    left: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            // One more byte would be over: tell apart "exactly at the budget" from "over".
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(std::io::Error::other(OverBudget)),
+            };
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// True when `e` (or what it wraps) is a [`Counted`] reader's budget running out.
+fn over_budget(e: &std::io::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|e| e as _);
+    while let Some(err) = cur {
+        if err.is::<OverBudget>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 fn bad_archive(gz: bool, e: std::io::Error) -> UnpackError {
+    if over_budget(&e) {
+        return UnpackError::ArchiveTooLarge;
+    }
     UnpackError::Corrupt {
         what: if gz { "gzip stream" } else { "archive" },
         source: e,
@@ -196,4 +256,87 @@ fn copy_capped(
     }
     let len = hasher.len();
     Ok((out, hasher.finish(), len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gz(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// A tar whose first entry is a GNU long-name header of `name_len` bytes, then
+    /// `plugin.wasm`.
+    fn long_name_tar(name_len: usize, module: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(name_len as u64);
+        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend(std::iter::repeat_n(b'a', name_len));
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(module.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "plugin.wasm", module).unwrap();
+        out.extend(b.into_inner().unwrap());
+        out
+    }
+
+    fn unwrap_bytes(bytes: &[u8], max: u64) -> Result<Unwrapped> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut f = store.temp_file().unwrap();
+        f.write_all(bytes).unwrap();
+        unwrap(&store, f.path(), max, TarEntry::PluginWasm, true)
+    }
+
+    /// Issue 9: a few MB of gzip could make the tar reader buffer a GNU long name (or pax
+    /// header) of any size. Headers count toward the decompression cap now.
+    #[test]
+    fn issue_9_a_long_name_header_bomb_is_too_large() {
+        let module = crate::testkit::wasm_module("m", 10);
+        let bomb = gz(&long_name_tar(8 << 20, &module));
+        assert!(bomb.len() < 64 << 10, "the bomb is small: {}", bomb.len());
+        let e = Error::from(unwrap_bytes(&bomb, 1 << 20).unwrap_err());
+        assert_eq!(e.code, Code::TooLarge, "{e}");
+        // A modest long name within the budget is fine.
+        let ok = gz(&long_name_tar(1000, &module));
+        assert!(matches!(
+            unwrap_bytes(&ok, 1 << 20),
+            Err(UnpackError::NoPluginWasm)
+        ));
+    }
+
+    #[test]
+    fn issue_9_skipped_entries_count_toward_the_cap() {
+        let module = crate::testkit::wasm_module("m", 10);
+        let mut b = tar::Builder::new(Vec::new());
+        let filler = vec![0u8; 3 << 20];
+        let mut h = tar::Header::new_gnu();
+        h.set_size(filler.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "README", filler.as_slice()).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(module.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "plugin.wasm", module.as_slice())
+            .unwrap();
+        let archive = gz(&b.into_inner().unwrap());
+        let e = Error::from(unwrap_bytes(&archive, 1 << 20).unwrap_err());
+        assert_eq!(e.code, Code::TooLarge, "{e}");
+        assert!(matches!(
+            unwrap_bytes(&archive, 4 << 20),
+            Ok(Unwrapped::Extracted(..))
+        ));
+    }
 }
