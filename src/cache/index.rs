@@ -88,13 +88,14 @@ impl Record {
 }
 
 /// Who may read what a source (an OCI repository) holds, as the registry confirmed it.
-/// Credentials appear only as ids (HMACs under the node key), never in clear.
+/// Credentials appear only as ids (HMACs under the node key), never in clear. "Public" is a
+/// verification like the others: it lapses under `[auth] verify` and is checked again.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Access {
-    /// The registry served this source anonymously: anyone may have its modules.
+    /// When the registry last served this source anonymously (unix ms).
     #[serde(default)]
-    pub public: bool,
+    pub public_at: Option<u64>,
     /// Credential ids the registry accepted for this source, with when (unix milliseconds).
     #[serde(default)]
     pub verified: BTreeMap<String, u64>,
@@ -120,6 +121,17 @@ struct State {
     used: BTreeMap<Digest, u64>,
     /// Modules whose use time changed since it was last written.
     used_dirty: BTreeSet<Digest>,
+}
+
+/// How a module may be read, from every record that serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleAccess {
+    /// Some record comes from an http(s) or file url: anyone may read it.
+    pub open: bool,
+    /// The newest time a registry served one of its OCI sources anonymously (unix ms).
+    pub public_at: Option<u64>,
+    /// An OCI source and manifest digest to check anonymous access with.
+    pub oci: Option<(String, Digest)>,
 }
 
 /// The rows one change touched; the transaction writes their current values.
@@ -171,10 +183,21 @@ struct LegacyFile {
     records: Vec<Record>,
     /// Access per source key.
     #[serde(default)]
-    access: BTreeMap<String, Access>,
+    access: BTreeMap<String, LegacyAccess>,
     /// When each module was last served (unix milliseconds).
     #[serde(default)]
     used: BTreeMap<Digest, u64>,
+}
+
+/// Access as `index.json` kept it: "public" for good.
+#[derive(Debug, Deserialize)]
+struct LegacyAccess {
+    /// Served anonymously once.
+    #[serde(default)]
+    public: bool,
+    /// Credential ids and when they were accepted (unix ms).
+    #[serde(default)]
+    verified: BTreeMap<String, u64>,
 }
 
 impl Index {
@@ -262,8 +285,13 @@ impl Index {
                     .map_err(db_err)?;
             }
             let mut access = tx.open_table(ACCESS).map_err(db_err)?;
-            for (k, a) in &file.access {
-                let json = serde_json::to_vec(a).map_err(|e| Error::internal("encoding", e))?;
+            for (k, old) in &file.access {
+                // A migrated "public" counts from now and lapses like any verification.
+                let a = Access {
+                    public_at: old.public.then(now_millis),
+                    verified: old.verified.clone(),
+                };
+                let json = serde_json::to_vec(&a).map_err(|e| Error::internal("encoding", e))?;
                 access.insert(k.as_str(), json.as_slice()).map_err(db_err)?;
             }
             let mut used = tx.open_table(USED).map_err(db_err)?;
@@ -469,14 +497,13 @@ impl Index {
         self.lock().access.get(source).cloned().unwrap_or_default()
     }
 
-    /// Records a grant for `source` (a write only when something changed).
+    /// Records a grant for `source`.
     pub async fn grant(&self, source: &str, grant: &Grant) -> Result<()> {
         {
             let mut st = self.lock();
             let a = st.access.entry(source.to_string()).or_default();
             match grant {
-                Grant::Public if a.public => return Ok(()),
-                Grant::Public => a.public = true,
+                Grant::Public => a.public_at = Some(now_millis()),
                 Grant::Credential(id) => {
                     a.verified.insert(id.clone(), now_millis());
                 }
@@ -489,9 +516,9 @@ impl Index {
         .await
     }
 
-    /// Forgets that `ids` were accepted for `source` (the registry refused them); true when
-    /// one was known.
-    pub async fn revoke(&self, source: &str, ids: &[String]) -> Result<bool> {
+    /// Forgets that `ids` were accepted for `source` (the registry refused them), and with
+    /// `anonymous` that it was public; true when something was known.
+    pub async fn revoke(&self, source: &str, ids: &[String], anonymous: bool) -> Result<bool> {
         let changed = {
             let mut st = self.lock();
             let Some(a) = st.access.get_mut(source) else {
@@ -499,7 +526,8 @@ impl Index {
             };
             let before = a.verified.len();
             a.verified.retain(|k, _| !ids.contains(k));
-            a.verified.len() != before
+            let was_public = anonymous && a.public_at.take().is_some();
+            a.verified.len() != before || was_public
         };
         if changed {
             self.persist(Rows {
@@ -511,16 +539,27 @@ impl Index {
         Ok(changed)
     }
 
-    /// `None` when no record serves `module`; else whether some record serving it comes
-    /// from a source anyone may read (a public OCI repository, or an http/file url). One pass.
-    pub fn module_public(&self, module: &Digest) -> Option<bool> {
+    /// How `module` may be read: `None` when no record serves it.
+    pub fn module_access(&self, module: &Digest) -> Option<ModuleAccess> {
         let st = self.lock();
-        let mut found = None;
+        let mut found: Option<ModuleAccess> = None;
         for r in st.records.values().filter(|r| r.module == *module) {
-            if !r.is_oci() || st.access.get(&r.source).is_some_and(|a| a.public) {
-                return Some(true);
+            let m = found.get_or_insert(ModuleAccess {
+                open: false,
+                public_at: None,
+                oci: None,
+            });
+            if !r.is_oci() {
+                m.open = true;
+                continue;
             }
-            found = Some(false);
+            let at = st.access.get(&r.source).and_then(|a| a.public_at);
+            if at > m.public_at {
+                m.public_at = at;
+            }
+            if m.oci.is_none() {
+                m.oci = Some((r.source.clone(), r.image_digest.unwrap_or(r.top_digest())));
+            }
         }
         found
     }
@@ -556,7 +595,11 @@ impl Index {
         let st = self.lock();
         let mut by: BTreeMap<Digest, ModuleInfo> = BTreeMap::new();
         for r in st.records.values() {
-            let public = !r.is_oci() || st.access.get(&r.source).is_some_and(|a| a.public);
+            let public = !r.is_oci()
+                || st
+                    .access
+                    .get(&r.source)
+                    .is_some_and(|a| a.public_at.is_some());
             let e = by.entry(r.module).or_insert_with(|| ModuleInfo {
                 digest: r.module,
                 size: r.size,
@@ -588,14 +631,23 @@ impl Index {
     fn remove_modules_in_memory(&self, digests: &[Digest]) -> Rows {
         let mut st = self.lock();
         let mut rows = Rows::default();
+        let mut sources = BTreeSet::new();
         st.records.retain(|loc, r| {
             if digests.contains(&r.module) {
                 rows.records.push(loc.clone());
+                sources.insert(r.source.clone());
                 false
             } else {
                 true
             }
         });
+        // What a purge removes takes its access records along, unless another module of
+        // the same source is still cached.
+        for src in sources {
+            if !st.records.values().any(|r| r.source == src) && st.access.remove(&src).is_some() {
+                rows.access.push(src);
+            }
+        }
         for d in digests {
             st.used.remove(d);
             st.used_dirty.insert(*d);
@@ -716,7 +768,7 @@ mod tests {
         assert_eq!(index.prune_verified(cutoff).await.unwrap(), 1);
         assert!(index.access("oci://r/x").verified.is_empty());
         assert!(
-            index.access("oci://r/x").public,
+            index.access("oci://r/x").public_at.is_some(),
             "public access is not a verification"
         );
         index
@@ -727,7 +779,11 @@ mod tests {
         drop(index);
         let reopened = Index::open(&store).unwrap();
         let a = reopened.access("oci://r/x");
-        assert!(a.public && a.verified.contains_key("new") && !a.verified.contains_key("old"));
+        assert!(
+            a.public_at.is_some()
+                && a.verified.contains_key("new")
+                && !a.verified.contains_key("old")
+        );
     }
 
     #[tokio::test]

@@ -127,7 +127,7 @@ impl Tenancy {
             return Some(Grant::Public);
         }
         let access = index.access(&record.source);
-        if access.public {
+        if access.public_at.is_some_and(|at| is_fresh(self.verify, at)) {
             return Some(Grant::Public);
         }
         caller.creds.iter().find_map(|(_, id)| {
@@ -156,11 +156,24 @@ impl Tenancy {
         e
     }
 
+    /// Whether a GET-time proof (a public grant, a token's verification) made at `at` still
+    /// counts: under `verify = "always"` for a short grace, since Envoy fetches the module
+    /// right after the control plane's fetch verified it.
+    fn fresh_for_get(&self, at: u64) -> bool {
+        match self.verify {
+            VerifyPolicy::Always => is_fresh(VerifyPolicy::Ttl(ALWAYS_TOKEN_GRACE), at),
+            p => is_fresh(p, at),
+        }
+    }
+
     /// The path a caller with `grant` fetches `module` from: plain for public modules, with
     /// a credential id and token for private ones.
     pub fn module_url(&self, index: &Index, module: &Digest, grant: &Grant) -> String {
+        let open = index
+            .module_access(module)
+            .is_some_and(|m| m.open || m.public_at.is_some_and(|at| self.fresh_for_get(at)));
         match grant {
-            Grant::Credential(id) if index.module_public(module) != Some(true) => format!(
+            Grant::Credential(id) if !open => format!(
                 "/v1/modules/{module}?cred={id}&token={}",
                 self.key.module_token(module, id)
             ),
@@ -168,24 +181,25 @@ impl Tenancy {
         }
     }
 
-    /// Checks that a `GET /v1/modules/...` may read `module`: public modules are open; a
-    /// private one needs a token issued for a credential still verified for it.
+    /// Checks that a `GET /v1/modules/...` may read `module`: modules of http(s) and file urls
+    /// and freshly public ones are open; a private one needs a token issued for a credential
+    /// still verified for it; a module whose public grant lapsed needs the registry asked
+    /// again ([`GetAccess::RecheckAnonymous`]).
     pub fn check_module_access(
         &self,
         index: &Index,
         module: &Digest,
         cred: Option<&str>,
         token: Option<&str>,
-    ) -> Result<()> {
-        match index.module_public(module) {
-            None => {
-                return Err(Error::new(
-                    Code::NotPresent,
-                    format!("module {module} is not in the cache"),
-                ));
-            }
-            Some(true) => return Ok(()),
-            Some(false) => {}
+    ) -> Result<GetAccess> {
+        let Some(access) = index.module_access(module) else {
+            return Err(Error::new(
+                Code::NotPresent,
+                format!("module {module} is not in the cache"),
+            ));
+        };
+        if access.open || access.public_at.is_some_and(|at| self.fresh_for_get(at)) {
+            return Ok(GetAccess::Open);
         }
         let denied = |why: &str| {
             Error::new(
@@ -194,6 +208,12 @@ impl Tenancy {
             )
         };
         let (Some(id), Some(token)) = (cred, token) else {
+            // Public once, not confirmed lately: the registry decides.
+            if access.public_at.is_some()
+                && let Some((source, digest)) = access.oci
+            {
+                return Ok(GetAccess::RecheckAnonymous { source, digest });
+            }
             return Err(denied("use the moduleUrl answered by POST /v1/fetch"));
         };
         if !self.key.check_module_token(module, id, token) {
@@ -202,13 +222,24 @@ impl Tenancy {
         let verified = index
             .credential_verified_for_module(module, id)
             .ok_or_else(|| denied("the credential is no longer verified"))?;
-        let fresh = match self.verify {
-            VerifyPolicy::Always => is_fresh(VerifyPolicy::Ttl(ALWAYS_TOKEN_GRACE), verified),
-            p => is_fresh(p, verified),
-        };
-        if !fresh {
+        if !self.fresh_for_get(verified) {
             return Err(denied("the credential's verification expired; fetch again"));
         }
-        Ok(())
+        Ok(GetAccess::Open)
     }
+}
+
+/// What a `GET /v1/modules/...` may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GetAccess {
+    /// Serve it.
+    Open,
+    /// It was public, but that lapsed: ask the registry anonymously for `digest` of
+    /// `source` first.
+    RecheckAnonymous {
+        /// The OCI source key (`oci://registry/repository`).
+        source: String,
+        /// The manifest to ask for.
+        digest: Digest,
+    },
 }

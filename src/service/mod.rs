@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Effective, PullPolicy};
 use crate::singleflight::Flights;
 use crate::source::{OciRef, Source};
-use access::{Caller, Tenancy};
+use access::{Caller, GetAccess, Tenancy};
 use plan::{Plan, expected_digests};
 
 /// A validated fetch request.
@@ -145,6 +145,8 @@ struct Inner {
     /// Upstream operations in progress (fetches and access checks), by kind, location and
     /// caller.
     flights: Flights<String, Result<Outcome>>,
+    /// Anonymous re-checks of modules whose public grant lapsed, by source and digest.
+    public_checks: Flights<String, Result<()>>,
     /// Prometheus metrics, also read by `stats`.
     metrics: Arc<Metrics>,
     /// Bounds on request fields.
@@ -167,6 +169,7 @@ impl Service {
                 upstream,
                 tenancy: Tenancy::new(key, auth, limits.pull_secret_entries),
                 flights: Flights::new(),
+                public_checks: Flights::new(),
                 metrics,
                 limits,
             }),
@@ -216,12 +219,55 @@ impl Service {
         cred: Option<&str>,
         token: Option<&str>,
     ) -> Result<ModuleFile> {
-        self.inner
-            .tenancy
-            .check_module_access(self.cache().index(), module, cred, token)?;
+        let check =
+            self.inner
+                .tenancy
+                .check_module_access(self.cache().index(), module, cred, token)?;
+        if let GetAccess::RecheckAnonymous { source, digest } = check {
+            self.recheck_public(module, &source, digest).await?;
+        }
         let m = self.cache().open_module(module).await?;
         self.cache().touch(module);
         Ok(m)
+    }
+
+    /// Asks the registry whether `source` still serves `digest` anonymously (a public grant
+    /// that lapsed): renewed when it does; revoked, and `access_denied`, when it refuses.
+    /// Concurrent GETs of the module share one check.
+    async fn recheck_public(&self, module: &Digest, source: &str, digest: Digest) -> Result<()> {
+        let Source::Oci(mut r) = Source::parse(source)? else {
+            return Err(Error::internal("re-checking access", "not an OCI source"));
+        };
+        r.digest = Some(digest);
+        let key = format!("public|{source}|{digest}");
+        let this = self.clone();
+        let module = *module;
+        let src = source.to_string();
+        let work = async move {
+            let index = this.cache().index();
+            match this.inner.upstream.verify(&r, &digest, &[]).await {
+                Ok(_) => {
+                    index.grant(&src, &Grant::Public).await?;
+                    Ok(())
+                }
+                Err(e) if e.code == Code::AccessDenied => {
+                    index.revoke(&src, &[], true).await?;
+                    tracing::info!(source = %src, "registry no longer serves the source anonymously");
+                    Err(Error::new(
+                        Code::AccessDenied,
+                        format!(
+                            "module {module} is private now: use the moduleUrl answered by POST /v1/fetch"
+                        ),
+                    ))
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let joined = self.inner.public_checks.join(key, work);
+        joined
+            .flight
+            .await
+            .unwrap_or_else(|e| Err(Error::internal("re-checking access", e)))
     }
 
     /// Counts module bytes sent to a caller.
@@ -389,7 +435,10 @@ impl Service {
                 })
             }
             Err(e) if e.code == Code::AccessDenied => {
-                index.revoke(&record.source, &caller.ids()).await?;
+                let anonymous = caller.ids().is_empty();
+                index
+                    .revoke(&record.source, &caller.ids(), anonymous)
+                    .await?;
                 Err(tenancy.explain_denied(r, &caller, e))
             }
             Err(e) => Err(e),

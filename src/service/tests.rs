@@ -620,7 +620,7 @@ async fn module_urls_of_private_modules_carry_a_token_bound_to_the_module() {
         .service
         .cache()
         .index()
-        .revoke("oci://reg.example/acme/acl", &[cred.to_string()])
+        .revoke("oci://reg.example/acme/acl", &[cred.to_string()], false)
         .await
         .unwrap();
     assert!(revoked);
@@ -815,4 +815,78 @@ async fn max_size_evicts_the_least_recently_used_and_refuses_only_the_too_large(
         .await
         .unwrap_err();
     assert_eq!(e.code, Code::TooLarge);
+}
+
+/// Issue 9: a repository once served anonymously stayed public for good. "Public" now lapses
+/// like any verification (here at once) and is checked again anonymously, for fetches and
+/// for token-less module GETs.
+#[tokio::test]
+async fn issue_9_a_public_grant_lapses_and_is_checked_again() {
+    let t = rig_with(VerifyPolicy::Ttl(Duration::ZERO), None);
+    let m = module("once-public");
+    let d = Digest::of(&m);
+    t.fake.push(TAGGED, &m);
+    assert_eq!(t.get(req(TAGGED)).await.unwrap().grant, Grant::Public);
+    // Still public: confirmed again, anonymously.
+    let again = t.get(req(TAGGED)).await.unwrap();
+    assert_eq!(
+        (again.cache, again.grant),
+        (CacheStatus::Revalidated, Grant::Public)
+    );
+    t.service.open_module(&d, None, None).await.unwrap();
+    assert_eq!(t.calls().2, 2);
+    // Made private: anonymous callers are refused, the bytes on disk notwithstanding.
+    t.fake
+        .make_private("oci://reg.example/acme/acl", &["alice"]);
+    let e = t.get(req(TAGGED)).await.unwrap_err();
+    assert_eq!(e.code, Code::AccessDenied);
+    let e = t.service.open_module(&d, None, None).await.unwrap_err();
+    assert_eq!(e.code, Code::AccessDenied);
+    assert!(!t.service.list()[0].public, "no longer listed as public");
+}
+
+#[tokio::test]
+async fn a_token_less_get_of_a_lapsed_public_module_is_served_after_an_anonymous_check() {
+    let t = rig_with(VerifyPolicy::Ttl(Duration::ZERO), None);
+    let m = module("public-get");
+    let d = Digest::of(&m);
+    t.fake.push(TAGGED, &m);
+    t.get(req(TAGGED)).await.unwrap();
+    let before = t.calls().2;
+    let gets: Vec<_> = (0..20)
+        .map(|_| {
+            let s = t.service.clone();
+            tokio::spawn(async move { s.open_module(&d, None, None).await.map(|m| m.len) })
+        })
+        .collect();
+    for g in gets {
+        assert_eq!(g.await.unwrap().unwrap(), m.len() as u64);
+    }
+    assert!(t.calls().2 > before, "the registry was asked");
+}
+
+#[tokio::test]
+async fn purging_a_module_forgets_the_access_records_of_its_source() {
+    let t = rig();
+    t.fake.push(TAGGED, &module("purged"));
+    t.fake
+        .make_private("oci://reg.example/acme/acl", &["alice"]);
+    t.get(req(TAGGED).user("reg.example", "alice"))
+        .await
+        .unwrap();
+    let index = t.service.cache().index();
+    assert!(
+        !index
+            .access("oci://reg.example/acme/acl")
+            .verified
+            .is_empty()
+    );
+    t.service
+        .purge(&crate::cache::lifecycle::Selector::All, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        index.access("oci://reg.example/acme/acl"),
+        Default::default()
+    );
 }

@@ -700,3 +700,49 @@ async fn issue_9_a_huge_token_answer_is_refused_unread() {
     t.tokens.set_padding(0);
     assert_eq!(d.fetch_ok(req).await["cache"], "miss");
 }
+
+/// Issue 9: a repository once served anonymously stayed public for good: after it was made
+/// private, callers without credentials still got its modules. "Public" now lapses with
+/// `verify_ttl` and is checked again anonymously.
+#[tokio::test]
+async fn issue_9_a_repository_made_private_is_no_longer_served_anonymously() {
+    let t = token_registry();
+    t.tokens.make_public("lapse/filter");
+    t.tokens.set_user("nina", "nina-pw", &["lapse/filter"]);
+    let m = wasm_module("lapse", 10);
+    push_solo(
+        &Pusher::with_token(&t.registry, "lapse/filter"),
+        "lapse/filter",
+        "v1",
+        &m,
+    )
+    .await;
+    let d = Daemon::start(DaemonOpts {
+        tables: "[auth]\nverify_ttl = \"1ms\"\n".into(),
+        ..Default::default()
+    });
+    let url = format!("{}/lapse/filter:v1", t.proxy.addr);
+    let public = d.fetch_ok(json!({"url": url})).await;
+    assert_eq!(public["cache"], "miss");
+    let module_url = public["moduleUrl"].as_str().unwrap().to_string();
+    assert!(!module_url.contains("token="), "{module_url}");
+    // While it stays public, anonymous callers are confirmed again and served.
+    assert_eq!(
+        d.fetch_ok(json!({"url": url})).await["cache"],
+        "revalidated"
+    );
+    assert_eq!(d.get(&module_url).await.0, 200);
+    t.tokens.make_private("lapse/filter");
+    let (status, code) = d.fetch_err(json!({"url": url})).await;
+    assert_eq!((status, code.as_str()), (403, "access_denied"));
+    assert_eq!(d.get(&module_url).await.0, 403);
+    // A caller the registry accepts still gets it, through a token url (which, with a
+    // 1 ms verify_ttl, lapses at once: token GETs are tested with the default TTL).
+    let secret = docker_config(&[(&t.proxy.addr, "nina", "nina-pw")]);
+    let nina = d.fetch_ok(json!({"url": url, "pullSecret": secret})).await;
+    assert_eq!(nina["digest"], sha(&m));
+    assert!(
+        nina["moduleUrl"].as_str().unwrap().contains("token="),
+        "{nina}"
+    );
+}

@@ -95,6 +95,11 @@ impl TokenServer {
         *self.state.short_next.lock().unwrap() = true;
     }
 
+    /// Takes `repo` out of the repositories anyone may pull.
+    pub fn make_private(&self, repo: &str) {
+        self.state.public.lock().unwrap().retain(|r| r != repo);
+    }
+
     /// Makes every answer claim this `expires_in` (any JSON value).
     pub fn set_expires_in(&self, v: serde_json::Value) {
         *self.state.expires_in.lock().unwrap() = v;
