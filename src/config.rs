@@ -127,6 +127,8 @@ pub struct RawFetch {
     pub backoff_min: Option<String>,
     /// Longest retry delay.
     pub backoff_max: Option<String>,
+    /// Most distinct upstream operations at once.
+    pub max_concurrent: Option<usize>,
 }
 
 /// `[registries."HOST:PORT"]`.
@@ -332,6 +334,9 @@ pub struct FetchSettings {
     pub backoff_min: Duration,
     /// Backoff ceiling.
     pub backoff_max: Duration,
+    /// Most distinct upstream operations (fetches, tag checks, access checks) at once; the
+    /// others wait in line inside their `total_timeout`.
+    pub max_concurrent: usize,
 }
 
 /// A configuration problem, reported before anything starts.
@@ -508,6 +513,16 @@ impl RawConfig {
                 Duration::from_millis(500),
             )?,
             backoff_max: duration("fetch.backoff_max", &f.backoff_max, Duration::from_secs(30))?,
+            max_concurrent: match f.max_concurrent {
+                None => 8,
+                Some(n) if (1..=1024).contains(&n) => n,
+                Some(_) => {
+                    return Err(invalid(
+                        "fetch.max_concurrent",
+                        "must be between 1 and 1024",
+                    ));
+                }
+            },
         };
         if fetch.backoff_min > fetch.backoff_max {
             return Err(invalid(

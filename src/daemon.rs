@@ -53,7 +53,7 @@ pub fn build_service(config: &Config) -> Result<Service, crate::error::Error> {
         config.cache.clone(),
         Arc::clone(&metrics),
     )?;
-    let fetchers = Fetchers::new(config, cache.store().clone())?;
+    let fetchers = Fetchers::new(config, cache.store().clone(), &metrics)?;
     let key = crate::auth::NodeKey::load_or_create(cache.store())?;
     tracing::info!(cache_dir = %config.cache_dir.display(), records = cache.index().len(), "cache opened");
     Ok(Service::new(

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub served_bytes: IntCounter,
     /// Callers waiting on an upstream operation another caller started.
     pub waiters: IntGauge,
+    /// Upstream operations waiting for a `[fetch] max_concurrent` slot.
+    pub upstream_queued: IntGauge,
     /// Modules evicted to respect `max_size`.
     pub evictions: IntCounter,
     /// Modules removed by purges and the expiry sweep.
@@ -111,6 +113,10 @@ impl Metrics {
             waiters: gauge(
                 "wasm_cache_singleflight_waiters",
                 "Requests waiting on an upstream operation started by another request.",
+            ),
+            upstream_queued: gauge(
+                "wasm_cache_upstream_queued",
+                "Upstream operations waiting for a [fetch] max_concurrent slot.",
             ),
             evictions: counter(
                 "wasm_cache_evictions_total",

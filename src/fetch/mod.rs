@@ -68,8 +68,12 @@ pub struct Fetchers {
     file: file::FileFetcher,
     /// `oci://`.
     oci: oci::OciFetcher,
-    /// Upper bound on a whole fetch, retries included.
+    /// Upper bound on a whole fetch, retries included (waiting for a slot too).
     total_timeout: std::time::Duration,
+    /// Slots for upstream operations (`[fetch] max_concurrent`).
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Operations waiting for a slot (a metric).
+    queued: prometheus::IntGauge,
 }
 
 /// What the request service needs from upstream: the seam its unit tests replace with an
@@ -154,7 +158,11 @@ pub trait KnownBlobs: Send + Sync {
 
 impl Fetchers {
     /// Builds the fetchers for `config`, writing into `store`.
-    pub fn new(config: &Config, store: Store) -> Result<Fetchers> {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Fetchers> {
         let guard = Arc::new(NetGuard::new(
             config.allow_cidrs.clone(),
             config.deny_cidrs.clone(),
@@ -170,6 +178,8 @@ impl Fetchers {
             ),
             oci: oci::OciFetcher::new(secure, insecure, guard, config, store),
             total_timeout: config.fetch.total_timeout,
+            slots: Arc::new(tokio::sync::Semaphore::new(config.fetch.max_concurrent)),
+            queued: metrics.upstream_queued.clone(),
         })
     }
 
@@ -229,7 +239,23 @@ impl Fetchers {
         source: &Source,
         work: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        match tokio::time::timeout(self.total_timeout, work).await {
+        let slotted = async {
+            let slot = {
+                /// Counts an operation as queued until it has a slot (or gives up).
+                struct Queued<'a>(&'a prometheus::IntGauge);
+                impl Drop for Queued<'_> {
+                    fn drop(&mut self) {
+                        self.0.dec();
+                    }
+                }
+                self.queued.inc();
+                let _queued = Queued(&self.queued);
+                self.slots.acquire().await
+            };
+            let _slot = slot.map_err(|e| Error::internal("upstream slots", e))?;
+            work.await
+        };
+        match tokio::time::timeout(self.total_timeout, slotted).await {
             Ok(r) => r,
             Err(_) => Err(Error::new(
                 Code::Timeout,

@@ -372,7 +372,7 @@ impl Service {
                     .index()
                     .update(&outcome.record.location, move |r| {
                         let mut r = r.cloned()?;
-                        r.versions.insert(name, v);
+                        remember_version(&mut r, name, v);
                         Some(r)
                     })
                     .await?;
@@ -655,9 +655,24 @@ fn check(req: &FetchRequest, f: Fetched) -> Result<(Record, tempfile::NamedTempF
     Ok((rec, f.file))
 }
 
+/// Most plugin resources whose version one record remembers. Past it, the entry of the
+/// first name in order is forgotten (that resource's next request asks upstream once more),
+/// so what a record keeps is bounded however many names clients send.
+const MAX_VERSIONS_PER_RECORD: usize = 64;
+
 fn note_version(rec: &mut Record, req: &FetchRequest) {
     if let Some(v) = &req.resource_version {
-        rec.versions
-            .insert(req.resource_name.clone().unwrap_or_default(), v.clone());
+        remember_version(
+            rec,
+            req.resource_name.clone().unwrap_or_default(),
+            v.clone(),
+        );
     }
+}
+
+fn remember_version(rec: &mut Record, name: String, version: String) {
+    if !rec.versions.contains_key(&name) && rec.versions.len() >= MAX_VERSIONS_PER_RECORD {
+        rec.versions.pop_first();
+    }
+    rec.versions.insert(name, version);
 }

@@ -890,3 +890,24 @@ async fn purging_a_module_forgets_the_access_records_of_its_source() {
         Default::default()
     );
 }
+
+/// Issue 9: every new (resourceName, resourceVersion) pair was kept, so a client could grow a
+/// record without bound. A record keeps at most 64 resource names.
+#[tokio::test]
+async fn issue_9_resource_versions_per_record_are_bounded() {
+    let t = rig();
+    t.fake.push(TAGGED, &module("versions"));
+    for i in 0..100 {
+        t.get(
+            req(TAGGED)
+                .policy("Always")
+                .version(&format!("ns/p{i:03}"), "1"),
+        )
+        .await
+        .unwrap();
+    }
+    let key = Source::parse(TAGGED).unwrap().location_key();
+    let rec = t.service.cache().index().get(&key).unwrap();
+    assert_eq!(rec.versions.len(), MAX_VERSIONS_PER_RECORD);
+    assert!(rec.versions.contains_key("ns/p099"), "the newest is kept");
+}

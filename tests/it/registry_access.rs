@@ -1,6 +1,8 @@
 //! Registries that refuse anonymous access, registries behind TLS with a private CA, upstream
 //! timeouts, and crash safety.
 
+use std::sync::Arc;
+
 use serde_json::json;
 
 use crate::harness::*;
@@ -161,4 +163,62 @@ async fn a_crash_mid_download_leaves_no_partial_module() {
         d.fetch_ok(json!({"url": srv.url("/ok.wasm")})).await["digest"],
         sha(&m)
     );
+}
+
+/// Issue 9: upstream work had no concurrency bound. With `[fetch] max_concurrent = 1`, a
+/// download held open by the server keeps the only slot: another module's fetch waits in
+/// line (the `wasm_cache_upstream_queued` gauge says so, and the server never sees it) until
+/// the first one ends. (Multi-threaded: the held request runs while this thread waits.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_9_upstream_fetches_wait_for_a_slot() {
+    let held = wasm_module("held", 10);
+    let m = wasm_module("slot", 10);
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let srv = HttpServer::start(vec![
+        ("/held.wasm", Route::Gate(Arc::clone(&gate), held.clone())),
+        ("/ok.wasm", Route::Bytes(m.clone())),
+    ]);
+    let d = Daemon::start(DaemonOpts {
+        fetch: Some("[fetch]\nretries = 0\nmax_concurrent = 1\n".into()),
+        ..Default::default()
+    });
+    let post = |url: String| {
+        let client = d.client();
+        tokio::spawn(async move {
+            let r = client
+                .post("http://localhost/v1/fetch")
+                .json(&json!({"url": url}))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        })
+    };
+    let first = post(srv.url("/held.wasm"));
+    wait_until(
+        "the held download to start",
+        400,
+        std::time::Duration::from_millis(10),
+        || srv.count("/held.wasm") > 0,
+    );
+    let second = post(srv.url("/ok.wasm"));
+    let mut queued = false;
+    for _ in 0..400 {
+        let (_, text) = d.get("/metrics").await;
+        if String::from_utf8_lossy(&text).contains("wasm_cache_upstream_queued 1") {
+            queued = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(queued, "the second fetch never queued for a slot");
+    assert_eq!(srv.count("/ok.wasm"), 0, "it went upstream without a slot");
+    gate.notify_one();
+    let (s1, v1) = first.await.unwrap();
+    let (s2, v2) = second.await.unwrap();
+    assert_eq!((s1, s2), (200, 200), "{v1} {v2}");
+    assert_eq!(v2["digest"], sha(&m));
 }

@@ -19,6 +19,8 @@ use crate::source::OciRef;
 
 /// Largest token service answer read (tokens are a few KiB; Docker Hub's are about 2 KiB).
 const MAX_TOKEN_ANSWER: usize = 64 << 10;
+/// Token cache size past which expired tokens are dropped on insert.
+const TOKEN_PRUNE_AT: usize = 256;
 /// Longest a token is cached, whatever `expires_in` says.
 const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
@@ -340,11 +342,14 @@ impl OciFetcher {
                 .unwrap_or(60)
                 .clamp(1, MAX_TOKEN_LIFETIME.as_secs()),
         );
-        let expires = Instant::now() + lifetime.mul_f64(0.9);
-        self.tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(s.token_key.clone(), (token.clone(), expires));
+        let now = Instant::now();
+        let expires = now + lifetime.mul_f64(0.9);
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        // Expired tokens go as new ones come: the cache holds what is still usable.
+        if tokens.len() >= TOKEN_PRUNE_AT {
+            tokens.retain(|_, (_, exp)| *exp > now);
+        }
+        tokens.insert(s.token_key.clone(), (token.clone(), expires));
         Ok(token)
     }
 }

@@ -24,6 +24,8 @@ pub enum Route {
     Redirect(String),
     /// 200 with a declared length, `n` bytes of body, then silence (the connection stays open).
     Stall(usize),
+    /// 200 with these bytes, sent only once the test notifies the gate.
+    Gate(Arc<tokio::sync::Notify>, Vec<u8>),
 }
 
 impl HttpServer {
@@ -94,6 +96,19 @@ impl HttpServer {
                         Response::builder()
                             .status(200)
                             .header("content-length", (n * 4).to_string())
+                            .body(Body::from_stream(stream))
+                            .unwrap()
+                    }
+                    Some(Route::Gate(gate, b)) => {
+                        let (gate, b) = (Arc::clone(gate), b.clone());
+                        let len = b.len();
+                        let stream = futures_util::stream::once(async move {
+                            gate.notified().await;
+                            Ok::<_, std::io::Error>(axum::body::Bytes::from(b))
+                        });
+                        Response::builder()
+                            .status(200)
+                            .header("content-length", len.to_string())
                             .body(Body::from_stream(stream))
                             .unwrap()
                     }
