@@ -131,12 +131,18 @@ impl Source {
     }
 
     /// Identity of the place the bytes come from, independent of tag: `oci://registry/repo`,
-    /// the http url, or `file://path`. Cached bytes are only ever handed out for the same
+    /// the http url (its password shown as `***`: urls that differ only in their password are
+    /// one source, and http modules are public), or `file://path`. Cached bytes are only ever handed out for the same
     /// source key they were fetched from.
     pub fn source_key(&self) -> String {
         match self {
             Source::Oci(r) => format!("oci://{}/{}", r.registry, r.repository),
-            Source::Http(u) => strip_fragment(u),
+            Source::Http(u) => {
+                // The key is written to disk and listed: never with a password in it.
+                let mut u = u.clone();
+                u.set_fragment(None);
+                redact_url(&u)
+            }
             Source::File(p) => format!("file://{}", p.display()),
         }
     }
@@ -179,25 +185,38 @@ impl fmt::Display for Source {
     }
 }
 
-fn strip_fragment(u: &Url) -> String {
+/// A url with its secret part hidden, for keys on disk, logs, listings and errors:
+/// `user:password@` becomes `user:***@`, and a lone `token@` becomes `***@`.
+pub fn redact(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(u) => redact_url(&u),
+        Err(_) => match url.rsplit_once('@') {
+            Some((_, host)) if url.contains("://") => format!("***@{host}"),
+            _ => url.to_string(),
+        },
+    }
+}
+
+fn redact_url(u: &Url) -> String {
+    if u.username().is_empty() && u.password().is_none() {
+        return u.to_string();
+    }
     let mut u = u.clone();
-    u.set_fragment(None);
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    } else {
+        let _ = u.set_username("***");
+    }
     u.to_string()
 }
 
-/// Removes `user:password@` from a url for display.
-pub fn redact(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
-            let _ = u.set_username("redacted");
-            let _ = u.set_password(None);
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => match url.rsplit_once('@') {
-            Some((_, host)) if url.contains("://") => format!("<redacted>@{host}"),
-            _ => url.to_string(),
-        },
+/// A url for an error message: redacted, and without its query, which for a redirect target
+/// (a presigned blob url) is a credential.
+pub fn redact_for_error(url: &str) -> String {
+    let shown = redact(url);
+    match shown.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => shown,
     }
 }
 
@@ -324,6 +343,30 @@ impl fmt::Display for OciRef {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 9: urls carried passwords to disk and listings, and redirect targets (presigned
+    /// blob urls) their signatures into errors.
+    #[test]
+    fn issue_9_urls_are_shown_without_secrets() {
+        assert_eq!(
+            redact("https://alice:pw@h.example/m.wasm?v=1"),
+            "https://alice:***@h.example/m.wasm?v=1"
+        );
+        assert_eq!(
+            redact("https://ghp_token@h.example/m"),
+            "https://***@h.example/m"
+        );
+        assert_eq!(
+            redact_for_error("https://s3.example/b?X-Amz-Signature=abc&X-Amz-Credential=k"),
+            "https://s3.example/b?…"
+        );
+        let s = Source::parse("https://alice:pw@h.example/m.wasm#frag").unwrap();
+        assert_eq!(s.source_key(), "https://alice:***@h.example/m.wasm");
+        assert!(!s.to_string().contains("pw@"));
+        // The fetch itself still has the password.
+        let Source::Http(u) = s else { panic!() };
+        assert_eq!(u.password(), Some("pw"));
+    }
 
     /// Issue 9: a registry name outside the reference grammar reached credential matching
     /// and the network.

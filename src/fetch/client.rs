@@ -10,7 +10,7 @@ use reqwest::{Client, Response, StatusCode};
 use crate::config::{Config, FetchSettings};
 use crate::error::{Code, Error, Result};
 use crate::netguard::{NetGuard, is_denied};
-use crate::source::redact;
+use crate::source::redact_for_error;
 
 /// Builds a client whose every connection passes the network guard, trusting the
 /// configured extra roots; `insecure` also accepts any certificate.
@@ -97,7 +97,7 @@ pub fn transport_error(url: &str, e: reqwest::Error) -> Attempt {
             retry: false,
         };
     }
-    let url = redact(url);
+    let url = redact_for_error(url);
     if e.is_timeout() {
         return Attempt {
             error: Error::new(Code::Timeout, format!("{url}: upstream timed out")),

@@ -478,3 +478,52 @@ async fn issue_9_a_damaged_index_costs_no_blob() {
     let (s, body) = d.get(again["moduleUrl"].as_str().unwrap()).await;
     assert_eq!((s, body), (200, m));
 }
+
+/// Issue 9: a password in an http(s) url was written into the index on disk and shown by
+/// `ls`. It is kept only in memory for the fetch itself; everything else shows `user:***`.
+#[tokio::test]
+async fn issue_9_a_password_in_an_http_url_never_reaches_disk_listings_or_metrics() {
+    let m = wasm_module("url-password", 10);
+    let srv = HttpServer::start(vec![("/m.wasm", Route::Bytes(m.clone()))]);
+    let d = Daemon::start(DaemonOpts::default());
+    let url = format!("http://alice:s3cretpw@{}/m.wasm", srv.addr);
+    assert_eq!(d.fetch_ok(json!({"url": url})).await["cache"], "miss");
+    assert_eq!(d.fetch_ok(json!({"url": url})).await["cache"], "hit");
+    let (status, code) = d
+        .fetch_err(json!({"url": format!("http://alice:s3cretpw@{}/gone.wasm", srv.addr)}))
+        .await;
+    assert_eq!((status, code.as_str()), (404, "not_found"));
+    let (ok, listing, _) = cli(&d, &["ls"]);
+    assert!(ok);
+    assert!(listing.contains("alice:***@"), "{listing}");
+    let (_, metrics) = d.get("/metrics").await;
+    let mut seen = vec![
+        ("ls", listing.into_bytes()),
+        ("ls --json", cli(&d, &["ls", "--json"]).1.into_bytes()),
+        ("metrics", metrics),
+        ("log", d.log_text().into_bytes()),
+    ];
+    for e in walk(&d.cache_dir) {
+        seen.push(("cache file", std::fs::read(e).unwrap()));
+    }
+    for (what, bytes) in seen {
+        assert!(
+            !bytes.windows(8).any(|w| w == b"s3cretpw"),
+            "the password reached the {what}"
+        );
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
