@@ -4,7 +4,11 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use wasmparser::{Chunk, Parser, ValidPayload, Validator, WasmFeatures};
+use wasmparser::{Chunk, Parser, Payload, ValidPayload, Validator, WasmFeatures};
+
+/// Custom sections larger than this are skipped without being read into memory: their
+/// content does not take part in validation, and a module may be mostly one of them.
+const SKIP_CUSTOM_OVER: u64 = 64 << 10;
 
 use crate::error::{Code, Error, Result};
 
@@ -40,7 +44,38 @@ pub fn validate_file(path: &Path) -> Result<()> {
     let mut buf: Vec<u8> = head.to_vec();
     let mut eof = false;
     let mut chunk = vec![0u8; 64 * 1024];
+    // True when the top-level parser is between sections (where a custom section may start),
+    // and how many function bodies of the code section are still to come.
+    let mut at_boundary = false;
+    let mut bodies_left: u32 = 0;
     loop {
+        if stack.is_empty() && at_boundary && buf.first() == Some(&0) {
+            // Enough bytes for the section id and its size (a LEB128 u32: up to 5 bytes).
+            while buf.len() < 6 && !eof {
+                let n = file
+                    .read(&mut chunk)
+                    .map_err(|e| Error::internal("reading module", e))?;
+                if n == 0 {
+                    eof = true;
+                } else {
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+            }
+            if let Some((size, leb_len)) = read_leb_u32(&buf[1..])
+                && u64::from(size) > SKIP_CUSTOM_OVER
+            {
+                let total = 1 + leb_len as u64 + u64::from(size);
+                let in_buf = (buf.len() as u64).min(total);
+                buf.drain(..in_buf as usize);
+                let rest = total - in_buf;
+                let skipped = std::io::copy(&mut (&mut file).take(rest), &mut std::io::sink())
+                    .map_err(|e| Error::internal("reading module", e))?;
+                if skipped < rest {
+                    return Err(Error::new(Code::InvalidModule, "truncated Wasm module"));
+                }
+                continue;
+            }
+        }
         let (payload, consumed) = match cur.parse(&buf, eof).map_err(invalid)? {
             Chunk::NeedMoreData(_) => {
                 if eof {
@@ -58,6 +93,22 @@ pub fn validate_file(path: &Path) -> Result<()> {
             }
             Chunk::Parsed { consumed, payload } => (payload, consumed),
         };
+        if stack.is_empty() {
+            at_boundary = match &payload {
+                Payload::CodeSectionStart { count, .. } => {
+                    bodies_left = *count;
+                    *count == 0
+                }
+                Payload::CodeSectionEntry(_) => {
+                    bodies_left = bodies_left.saturating_sub(1);
+                    bodies_left == 0
+                }
+                // A nested module or component: back at a boundary when it ends.
+                Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => false,
+                Payload::End(_) => false,
+                _ => true,
+            };
+        }
         match validator.payload(&payload).map_err(invalid)? {
             ValidPayload::Ok => {}
             ValidPayload::Parser(nested) => {
@@ -68,7 +119,10 @@ pub fn validate_file(path: &Path) -> Result<()> {
                 fv.validate(&body).map_err(invalid)?;
             }
             ValidPayload::End(_) => match stack.pop() {
-                Some(parent) => cur = parent,
+                Some(parent) => {
+                    cur = parent;
+                    at_boundary = stack.is_empty();
+                }
                 None => {
                     buf.drain(..consumed);
                     // Anything after the end of the outermost module is garbage.
@@ -91,6 +145,19 @@ pub fn validate_file(path: &Path) -> Result<()> {
     }
 }
 
+/// A LEB128 u32 at the start of `b`: its value and length; `None` when it is not complete
+/// or not a valid u32.
+fn read_leb_u32(b: &[u8]) -> Option<(u32, usize)> {
+    let mut value: u64 = 0;
+    for (i, byte) in b.iter().take(5).enumerate() {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return u32::try_from(value).ok().map(|v| (v, i + 1));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,24 +171,45 @@ mod tests {
 
     /// A module with one custom section, as the tests build them.
     fn module_with_custom(payload_len: usize) -> Vec<u8> {
-        let mut m = b"\0asm\x01\0\0\0".to_vec();
-        let name = b"x";
-        let mut body = vec![name.len() as u8];
-        body.extend_from_slice(name);
-        body.extend(std::iter::repeat_n(7u8, payload_len));
-        m.push(0);
-        let mut n = body.len();
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                m.push(byte);
-                break;
-            }
-            m.push(byte | 0x80);
-        }
-        m.extend(body);
+        crate::testkit::wasm_module("x", payload_len)
+    }
+
+    /// The sections of a module with one function whose body is `body`.
+    fn function_sections(body: &[u8]) -> Vec<u8> {
+        let mut m = vec![0x01, 0x04, 0x01, 0x60, 0x00, 0x00, 0x03, 0x02, 0x01, 0x00];
+        m.extend([0x0a, (body.len() + 2) as u8, 0x01, body.len() as u8]);
+        m.extend_from_slice(body);
         m
+    }
+
+    /// Issue 9: a custom section was read whole into memory during validation. Large ones
+    /// are now skipped in bounded reads; what follows them is still validated.
+    #[test]
+    fn issue_9_large_custom_sections_are_skipped_and_the_rest_still_validated() {
+        let big = module_with_custom(5 << 20);
+        check(&big).unwrap();
+        assert_eq!(
+            check(&big[..big.len() - 100]).unwrap_err().code,
+            Code::InvalidModule,
+            "a truncated large custom section"
+        );
+        let mut trailing = big.clone();
+        trailing.push(0xff);
+        assert_eq!(check(&trailing).unwrap_err().code, Code::InvalidModule);
+        // Custom section first, then a function: the function is validated.
+        let good_fn = [0x00, 0x0b];
+        let bad_fn = [0x00, 0x6a, 0x0b]; // i32.add on an empty stack
+        let mut ok = big.clone();
+        ok.extend(function_sections(&good_fn));
+        check(&ok).unwrap();
+        let mut bad = big.clone();
+        bad.extend(function_sections(&bad_fn));
+        assert_eq!(check(&bad).unwrap_err().code, Code::InvalidModule);
+        // A function, then the large custom section.
+        let mut after = b"\0asm\x01\0\0\0".to_vec();
+        after.extend(function_sections(&good_fn));
+        after.extend_from_slice(&big[8..]);
+        check(&after).unwrap();
     }
 
     #[test]

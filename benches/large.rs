@@ -1,0 +1,64 @@
+//! `cargo bench --bench large`: the daemon's memory while it caches a 200 MiB module whose
+//! only content is one custom section (a file:// source: read, hashed, validated, stored).
+//! Goal (issue 9): the daemon's peak RSS rises by less than 64 MiB.
+// A benchmark harness: writes its own fixture file.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use common::Daemon;
+
+/// Module size.
+const SIZE: usize = 200 << 20;
+
+fn peak_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let bin = Daemon::binary();
+    println!("binary: {}", bin.display());
+    let daemon = Daemon::start(&bin, |files| {
+        std::fs::write(
+            files.join("big.wasm"),
+            wasm_cache::testkit::wasm_module("big", SIZE),
+        )
+        .unwrap();
+    });
+    let before = peak_kib(daemon.pid());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let t = std::time::Instant::now();
+    rt.block_on(async {
+        let body = wasm_cache::api::FetchBody {
+            url: daemon.file_url("big.wasm"),
+            ..Default::default()
+        };
+        let r = daemon
+            .client
+            .post("http://localhost/v1/fetch")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    });
+    let after = peak_kib(daemon.pid());
+    let rise = after.saturating_sub(before);
+    println!(
+        "cached a {} MiB custom-section module in {:.2?}; peak RSS {} MiB -> {} MiB (+{} MiB)",
+        SIZE >> 20,
+        t.elapsed(),
+        before >> 10,
+        after >> 10,
+        rise >> 10
+    );
+    assert!(rise < 64 << 10, "peak RSS rose by {} MiB", rise >> 10);
+}
