@@ -32,7 +32,10 @@ pub enum Code {
     UpstreamError,
     /// The upstream did not answer within the configured time.
     Timeout,
-    /// Something failed on this node (disk full, I/O error).
+    /// The cache's filesystem is full (ENOSPC, EDQUOT): nothing was kept; retry once space
+    /// is free.
+    StorageFull,
+    /// Something failed on this node (an I/O error, a bug).
     Internal,
 }
 
@@ -51,6 +54,7 @@ impl Code {
             Code::TooLarge => "too_large",
             Code::UpstreamError => "upstream_error",
             Code::Timeout => "timeout",
+            Code::StorageFull => "storage_full",
             Code::Internal => "internal",
         }
     }
@@ -64,6 +68,7 @@ impl Code {
             Code::ChecksumMismatch | Code::InvalidModule | Code::TooLarge => 422,
             Code::UpstreamError => 502,
             Code::Timeout => 504,
+            Code::StorageFull => 507,
             Code::Internal => 500,
         }
     }
@@ -100,7 +105,23 @@ impl Error {
         Self::new(Code::InvalidRequest, message)
     }
 
-    /// Shorthand for [`Code::Internal`], for local I/O failures.
+    /// A local I/O failure: [`Code::StorageFull`] when the filesystem is full, else
+    /// [`Code::Internal`].
+    pub fn io(context: &str, err: std::io::Error) -> Self {
+        let full = matches!(
+            err.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        );
+        if full {
+            return Self::new(
+                Code::StorageFull,
+                format!("{context}: the cache's filesystem is full ({err})"),
+            );
+        }
+        Self::internal(context, err)
+    }
+
+    /// Shorthand for [`Code::Internal`], for local failures.
     pub fn internal(context: &str, err: impl fmt::Display) -> Self {
         Self::new(Code::Internal, format!("{context}: {err}"))
     }

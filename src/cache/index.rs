@@ -167,7 +167,10 @@ pub fn now_millis() -> u64 {
 }
 
 fn db_err(e: impl Into<redb::Error>) -> Error {
-    Error::internal("cache index database", e.into())
+    match e.into() {
+        redb::Error::Io(io) => Error::io("cache index database", io),
+        e => Error::internal("cache index database", e),
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &str, key: &str, bytes: &[u8]) -> Result<T> {

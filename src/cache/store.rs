@@ -27,7 +27,7 @@ pub struct Store {
 }
 
 fn io(context: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::internal(&format!("{context} {}", path.display()), e)
+    Error::io(&format!("{context} {}", path.display()), e)
 }
 
 impl Store {

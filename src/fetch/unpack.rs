@@ -252,7 +252,7 @@ fn copy_capped(
         }
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n])
-            .map_err(|e| Error::internal("writing extracted module", e))?;
+            .map_err(|e| Error::io("writing extracted module", e))?;
     }
     let len = hasher.len();
     Ok((out, hasher.finish(), len))

@@ -527,3 +527,66 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Unmounts a test tmpfs (lazily, so a process still inside cannot keep it).
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Issue 9: a full disk was an `internal` error. It is now `storage_full` (507), nothing
+/// partial is left, what was cached before is still served, and the same request succeeds
+/// once space is free. The cache lives on a small tmpfs (skipped where mounting is not
+/// allowed).
+#[tokio::test]
+async fn issue_9_a_full_disk_is_storage_full_and_leaves_nothing_behind() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&cache)
+        .output();
+    match &mounted {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            eprintln!(
+                "skipping issue_9_a_full_disk_is_storage_full_and_leaves_nothing_behind: cannot mount a tmpfs: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!(
+                "skipping issue_9_a_full_disk_is_storage_full_and_leaves_nothing_behind: no mount: {e}"
+            );
+            return;
+        }
+    }
+    let _unmount = Unmount(cache.clone());
+    let d = Daemon::start_in(std::sync::Arc::clone(&dir), DaemonOpts::default());
+    let small = wasm_module("small", 1000);
+    let big = wasm_module("big", 3 << 20);
+    std::fs::write(d.files_dir().join("small.wasm"), &small).unwrap();
+    std::fs::write(d.files_dir().join("big.wasm"), &big).unwrap();
+    let url = |n: &str| format!("file://{}", d.files_dir().join(n).display());
+    let cached = d.fetch_ok(json!({"url": url("small.wasm")})).await;
+    // Something else fills the filesystem.
+    let filler = cache.join("filler");
+    std::fs::write(&filler, vec![0u8; 5 << 20]).unwrap();
+    let (status, code) = d.fetch_err(json!({"url": url("big.wasm")})).await;
+    assert_eq!((status, code.as_str()), (507, "storage_full"));
+    let leftovers: Vec<_> = std::fs::read_dir(cache.join("tmp"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
+    let (s, body) = d.get(cached["moduleUrl"].as_str().unwrap()).await;
+    assert_eq!((s, body), (200, small));
+    std::fs::remove_file(&filler).unwrap();
+    let again = d.fetch_ok(json!({"url": url("big.wasm")})).await;
+    assert_eq!(again["digest"], sha(&big));
+}

@@ -22,7 +22,7 @@ impl OciFetcher {
         let dst = tmp.path().to_path_buf();
         let size = tokio::fs::copy(&src, &dst)
             .await
-            .map_err(|e| Error::internal("copying cached blob", e))?;
+            .map_err(|e| Error::io("copying cached blob", e))?;
         Ok((tmp, *digest, size))
     }
 
