@@ -30,10 +30,23 @@ impl FileFetcher {
     }
 
     /// Copies the module at `path` into the store's temp area, unwrapped and validated.
+    ///
+    /// A path outside the roots is `forbidden` whether or not it exists. The file is opened
+    /// without following a symlink in its last component (the roots check and the open
+    /// cannot be told apart by swapping it) and without blocking (a FIFO is refused, never
+    /// waited on).
     pub async fn fetch(&self, path: &Path) -> Result<Fetched> {
         let shown = path.display().to_string();
+        let outside = || {
+            Error::new(
+                Code::Forbidden,
+                format!("file://{shown} is outside [file] allowed_roots"),
+            )
+        };
+        let under_roots = |p: &Path| self.roots.iter().any(|r| p.starts_with(r));
         let canon = match tokio::fs::canonicalize(path).await {
             Ok(c) => c,
+            Err(_) if !under_roots(path) => return Err(outside()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::new(
                     Code::NotFound,
@@ -42,25 +55,31 @@ impl FileFetcher {
             }
             Err(e) => return Err(Error::new(Code::NotFound, format!("file://{shown}: {e}"))),
         };
-        if !self.roots.iter().any(|r| canon.starts_with(r)) {
-            return Err(Error::new(
-                Code::Forbidden,
-                format!("file://{shown} is outside [file] allowed_roots"),
-            ));
+        if !under_roots(&canon) {
+            return Err(outside());
         }
-        let mut f = tokio::fs::File::open(&canon)
-            .await
-            .map_err(|e| Error::new(Code::NotFound, format!("file://{shown}: {e}")))?;
-        let meta = f
-            .metadata()
-            .await
-            .map_err(|e| Error::internal("reading file", e))?;
-        if !meta.is_file() {
-            return Err(Error::new(
-                Code::NotFound,
-                format!("file://{shown} is not a regular file"),
-            ));
-        }
+        let opened = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&canon)?;
+            let is_file = f.metadata()?.is_file();
+            Ok::<_, std::io::Error>((f, is_file))
+        })
+        .await
+        .map_err(|e| Error::internal("opening file", e))?;
+        let f = match opened {
+            Ok((_, false)) => {
+                return Err(Error::new(
+                    Code::NotFound,
+                    format!("file://{shown} is not a regular file"),
+                ));
+            }
+            Ok((f, true)) => f,
+            Err(e) => return Err(Error::new(Code::NotFound, format!("file://{shown}: {e}"))),
+        };
+        let mut f = tokio::fs::File::from_std(f);
         let mut w = self
             .store
             .writer(self.max_size, &format!("file://{shown}"))?;

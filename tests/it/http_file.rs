@@ -213,3 +213,47 @@ async fn http_always_rechecks_with_the_etag_and_fetches_changed_content() {
     assert_eq!(a["digest"], sha(&v2));
     assert_eq!(srv.count("/m.wasm"), 3, "one request per resource version");
 }
+
+/// Issue 9: a FIFO under the roots hung a thread on open (waiting for a writer), and a path
+/// outside the roots answered differently whether it existed or not.
+#[tokio::test]
+async fn issue_9_file_urls_refuse_fifos_and_hide_what_is_outside_the_roots() {
+    let d = Daemon::start(DaemonOpts::default());
+    let root = d.files_dir();
+    let fifo = root.join("pipe.wasm");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let url = |p: &std::path::Path| format!("file://{}", p.display());
+    let (status, v) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        d.fetch(json!({"url": url(&fifo)})),
+    )
+    .await
+    .expect("a FIFO hung the fetch");
+    assert_eq!(status, 404, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a regular file"),
+        "{v}"
+    );
+    // Outside the roots: the same answer for a file that exists and one that does not.
+    let existing = d.dir.path().join("secret.wasm");
+    std::fs::write(&existing, wasm_module("secret", 1)).unwrap();
+    let missing = d.dir.path().join("missing.wasm");
+    let a = d.fetch(json!({"url": url(&existing)})).await;
+    let b = d.fetch(json!({"url": url(&missing)})).await;
+    assert_eq!((a.0, &a.1["error"]["code"]), (403, &json!("forbidden")));
+    assert_eq!((b.0, &b.1["error"]["code"]), (403, &json!("forbidden")));
+    let shape = |v: &serde_json::Value, p: &std::path::Path| {
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace(&p.display().to_string(), "PATH")
+    };
+    assert_eq!(shape(&a.1, &existing), shape(&b.1, &missing));
+}
