@@ -57,6 +57,8 @@ pub struct Attempt {
     pub error: Error,
     /// Connect errors, timeouts, 429 and most 5xx are worth retrying.
     pub retry: bool,
+    /// The server's `Retry-After`, when it gave one (clamped to `backoff_max` when used).
+    pub retry_after: Option<Duration>,
 }
 
 impl From<Error> for Attempt {
@@ -64,6 +66,7 @@ impl From<Error> for Attempt {
         Attempt {
             error,
             retry: false,
+            retry_after: None,
         }
     }
 }
@@ -82,6 +85,11 @@ where
     op.retry(backoff)
         .sleep(tokio::time::sleep)
         .when(|a: &Attempt| a.retry)
+        // A server that says when to come back is believed, within backoff_max.
+        .adjust(|a: &Attempt, planned| match (a.retry_after, planned) {
+            (Some(after), Some(_)) => Some(after.min(settings.backoff_max)),
+            (_, planned) => planned,
+        })
         .notify(|a: &Attempt, after: Duration| {
             tracing::debug!(error = %a.error, ?after, "retrying upstream request");
         })
@@ -95,6 +103,7 @@ pub fn transport_error(url: &str, e: reqwest::Error) -> Attempt {
         return Attempt {
             error: Error::new(Code::Forbidden, msg),
             retry: false,
+            retry_after: None,
         };
     }
     let url = redact_for_error(url);
@@ -102,6 +111,7 @@ pub fn transport_error(url: &str, e: reqwest::Error) -> Attempt {
         return Attempt {
             error: Error::new(Code::Timeout, format!("{url}: upstream timed out")),
             retry: true,
+            retry_after: None,
         };
     }
     // The url (which may carry user:password) is in the message already, redacted.
@@ -116,6 +126,7 @@ pub fn transport_error(url: &str, e: reqwest::Error) -> Attempt {
     Attempt {
         error: Error::new(Code::UpstreamError, format!("{url}: {detail}")),
         retry: e.is_connect() || e.is_request() || e.is_body() || e.is_decode(),
+        retry_after: None,
     }
 }
 
@@ -132,7 +143,21 @@ pub fn status_error(what: &str, status: StatusCode) -> Attempt {
     Attempt {
         error: Error::new(code, format!("{what} answered {status}")),
         retry,
+        retry_after: None,
     }
+}
+
+/// [`status_error`] for a response, with its `Retry-After` (delay-seconds; an HTTP date is
+/// ignored and the backoff applies).
+pub fn response_error(what: &str, resp: &Response) -> Attempt {
+    let mut a = status_error(what, resp.status());
+    a.retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    a
 }
 
 /// Sends a prepared request, mapping transport errors.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use reqwest::{Client, Url};
 
-use super::client::{Attempt, send, status_error, transport_error, with_retries};
+use super::client::{Attempt, response_error, send, transport_error, with_retries};
 use super::{Fetched, plain_module};
 use crate::cache::store::{BlobWriter, Store};
 use crate::config::{Config, FetchSettings};
@@ -62,7 +62,7 @@ impl HttpFetcher {
                 return Ok(None);
             }
             if !resp.status().is_success() {
-                return Err(status_error(&shown, resp.status()));
+                return Err(response_error(&shown, &resp));
             }
             let new_tag = resp
                 .headers()

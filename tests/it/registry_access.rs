@@ -222,3 +222,33 @@ async fn issue_9_upstream_fetches_wait_for_a_slot() {
     assert_eq!((s1, s2), (200, 200), "{v1} {v2}");
     assert_eq!(v2["digest"], sha(&m));
 }
+
+/// Issue 9: `429 Too Many Requests` was retried on the fixed backoff, ignoring `Retry-After`.
+/// The server's delay is now believed, clamped to `backoff_max`, so an absurd one cannot park
+/// a fetch.
+#[tokio::test]
+async fn issue_9_retry_after_is_honoured_and_clamped() {
+    let m = wasm_module("retry-after", 10);
+    let srv = HttpServer::start(vec![
+        ("/polite.wasm", Route::RetryAfter(1, 1, m.clone())),
+        ("/absurd.wasm", Route::RetryAfter(1, 3600, m.clone())),
+    ]);
+    let d = Daemon::start(DaemonOpts {
+        fetch: Some(
+            "[fetch]\nretries = 2\nbackoff_min = \"10ms\"\nbackoff_max = \"2s\"\ntotal_timeout = \"20s\"\n"
+                .into(),
+        ),
+        ..Default::default()
+    });
+    d.fetch_ok(json!({"url": srv.url("/polite.wasm")})).await;
+    let t = srv.times("/polite.wasm");
+    assert_eq!(t.len(), 2);
+    assert!(
+        t[1] - t[0] >= std::time::Duration::from_millis(900),
+        "retried after {:?}, before the server's Retry-After: 1",
+        t[1] - t[0]
+    );
+    // Retry-After: 3600 waits backoff_max (2 s), well inside the 20 s total timeout.
+    d.fetch_ok(json!({"url": srv.url("/absurd.wasm")})).await;
+    assert_eq!(srv.count("/absurd.wasm"), 2);
+}

@@ -14,7 +14,9 @@ use super::OciFetcher;
 use super::manifest::ACCEPT_MANIFESTS;
 use crate::auth::Credential;
 use crate::error::{Code, Error, Result};
-use crate::fetch::client::{Attempt, read_capped, send, status_error, with_retries};
+use crate::fetch::client::{
+    Attempt, read_capped, response_error, send, status_error, with_retries,
+};
 use crate::source::OciRef;
 
 /// Largest token service answer read (tokens are a few KiB; Docker Hub's are about 2 KiB).
@@ -223,7 +225,7 @@ impl OciFetcher {
         let status = resp.status();
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             let what = format!("registry {}", s.registry);
-            return Err(status_error(&what, status));
+            return Err(response_error(&what, &resp));
         }
         Ok(resp)
     }

@@ -9,6 +9,8 @@ pub struct HttpServer {
     pub addr: SocketAddr,
     /// Requests per path.
     counts: Arc<Mutex<HashMap<String, usize>>>,
+    /// When each request per path arrived.
+    seen: Arc<Mutex<HashMap<String, Vec<std::time::Instant>>>>,
 }
 
 /// One route of [`HttpServer`].
@@ -24,6 +26,8 @@ pub enum Route {
     Redirect(String),
     /// 200 with a declared length, `n` bytes of body, then silence (the connection stays open).
     Stall(usize),
+    /// `429` with `Retry-After: secs` for the first `n` requests, then 200 with the bytes.
+    RetryAfter(usize, u64, Vec<u8>),
     /// 200 with these bytes, sent only once the test notifies the gate.
     Gate(Arc<tokio::sync::Notify>, Vec<u8>),
 }
@@ -43,9 +47,12 @@ impl HttpServer {
         let routes = Arc::new(routes);
         let counts: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let c = Arc::clone(&counts);
+        let seen: Arc<Mutex<HashMap<String, Vec<std::time::Instant>>>> = Arc::default();
+        let t = Arc::clone(&seen);
         let app = axum::Router::new().fallback(move |req: Request| {
             let routes = Arc::clone(&routes);
             let c = Arc::clone(&c);
+            let times = Arc::clone(&t);
             async move {
                 let path = req.uri().path().to_string();
                 let n = {
@@ -54,6 +61,12 @@ impl HttpServer {
                     *e += 1;
                     *e
                 };
+                times
+                    .lock()
+                    .unwrap()
+                    .entry(path.clone())
+                    .or_default()
+                    .push(std::time::Instant::now());
                 let resp =
                     |s: u16, b: Vec<u8>| Response::builder().status(s).body(Body::from(b)).unwrap();
                 let if_none_match = req
@@ -99,6 +112,12 @@ impl HttpServer {
                             .body(Body::from_stream(stream))
                             .unwrap()
                     }
+                    Some(Route::RetryAfter(k, secs, _)) if n <= *k => Response::builder()
+                        .status(429)
+                        .header("retry-after", secs.to_string())
+                        .body(Body::from("slow down"))
+                        .unwrap(),
+                    Some(Route::RetryAfter(_, _, b)) => resp(200, b.clone()),
                     Some(Route::Gate(gate, b)) => {
                         let (gate, b) = (Arc::clone(gate), b.clone());
                         let len = b.len();
@@ -121,12 +140,22 @@ impl HttpServer {
             }
         });
         let addr = serve_on_thread(bind, app);
-        HttpServer { addr, counts }
+        HttpServer { addr, counts, seen }
     }
 
     /// Requests for `path` answered `304 Not Modified`.
     pub fn not_modified(&self, path: &str) -> usize {
         self.count(&format!("304 {path}"))
+    }
+
+    /// When each request for `path` arrived.
+    pub fn times(&self, path: &str) -> Vec<std::time::Instant> {
+        self.seen
+            .lock()
+            .unwrap()
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Requests seen for `path`.
