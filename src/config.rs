@@ -129,6 +129,10 @@ pub struct RawFetch {
     pub backoff_max: Option<String>,
     /// Most distinct upstream operations at once.
     pub max_concurrent: Option<usize>,
+    /// Slowest body accepted, e.g. "1KiB" (per second); "0" disables.
+    pub min_rate: Option<String>,
+    /// Over how long the rate is measured, e.g. "30s".
+    pub min_rate_window: Option<String>,
 }
 
 /// `[registries."HOST:PORT"]`.
@@ -337,6 +341,12 @@ pub struct FetchSettings {
     /// Most distinct upstream operations (fetches, tag checks, access checks) at once; the
     /// others wait in line inside their `total_timeout`.
     pub max_concurrent: usize,
+    /// A body that brings fewer than this many bytes per second over `min_rate_window` is a
+    /// `timeout` (0: no minimum). Catches a server that drips a byte now and then, which the
+    /// per-read `request_timeout` never sees.
+    pub min_rate: u64,
+    /// The window the minimum rate is measured over.
+    pub min_rate_window: Duration,
 }
 
 /// A configuration problem, reported before anything starts.
@@ -513,6 +523,15 @@ impl RawConfig {
                 Duration::from_millis(500),
             )?,
             backoff_max: duration("fetch.backoff_max", &f.backoff_max, Duration::from_secs(30))?,
+            min_rate: match &f.min_rate {
+                None => 1 << 10,
+                Some(v) => parse_size(v).map_err(|m| invalid("fetch.min_rate", m))?,
+            },
+            min_rate_window: duration(
+                "fetch.min_rate_window",
+                &f.min_rate_window,
+                Duration::from_secs(30),
+            )?,
             max_concurrent: match f.max_concurrent {
                 None => 8,
                 Some(n) if (1..=1024).contains(&n) => n,

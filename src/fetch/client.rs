@@ -168,9 +168,91 @@ pub async fn send(
     req.send().await.map_err(|e| transport_error(url, e))
 }
 
+/// A response body read chunk by chunk, refused (`timeout`, worth a retry) when it brings
+/// fewer than `[fetch] min_rate` bytes a second over a `min_rate_window`.
+pub struct Body {
+    /// The chunks.
+    stream: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    /// For messages (redacted when shown).
+    url: String,
+    /// Bytes a window must bring (0: no minimum).
+    min_per_window: u64,
+    /// The window.
+    window: Duration,
+    /// When the current window started.
+    window_start: tokio::time::Instant,
+    /// Bytes in the current window.
+    window_bytes: u64,
+}
+
+impl Body {
+    /// The body of `resp`, under `settings`' minimum rate.
+    pub fn new(resp: Response, settings: &FetchSettings) -> Body {
+        use futures_util::StreamExt;
+        let window = settings.min_rate_window;
+        Body {
+            url: resp.url().to_string(),
+            stream: resp.bytes_stream().boxed(),
+            min_per_window: settings.min_rate.saturating_mul(window.as_secs().max(1)),
+            window,
+            window_start: tokio::time::Instant::now(),
+            window_bytes: 0,
+        }
+    }
+
+    /// The next chunk; `None` at the end.
+    pub async fn next(&mut self) -> Option<std::result::Result<bytes::Bytes, Attempt>> {
+        use futures_util::StreamExt;
+        loop {
+            if self.min_per_window == 0 {
+                return Some(
+                    self.stream
+                        .next()
+                        .await?
+                        .map_err(|e| transport_error(&self.url, e)),
+                );
+            }
+            let deadline = self.window_start + self.window;
+            let next = tokio::time::timeout_at(deadline, self.stream.next()).await;
+            if tokio::time::Instant::now() >= deadline {
+                if self.window_bytes < self.min_per_window {
+                    return Some(Err(Attempt {
+                        error: Error::new(
+                            Code::Timeout,
+                            format!(
+                                "{}: the body arrived at less than {} bytes/s",
+                                redact_for_error(&self.url),
+                                self.min_per_window / self.window.as_secs().max(1)
+                            ),
+                        ),
+                        retry: true,
+                        retry_after: None,
+                    }));
+                }
+                self.window_start = tokio::time::Instant::now();
+                self.window_bytes = 0;
+            }
+            match next {
+                Ok(Some(Ok(chunk))) => {
+                    self.window_bytes += chunk.len() as u64;
+                    return Some(Ok(chunk));
+                }
+                Ok(Some(Err(e))) => return Some(Err(transport_error(&self.url, e))),
+                Ok(None) => return None,
+                Err(_) => continue,
+            }
+        }
+    }
+}
+
 /// Reads a response body of at most `max` bytes into memory; a longer one (declared or
 /// streamed) is an `upstream_error` naming `what`, and nothing past `max` is buffered.
-pub async fn read_capped(resp: Response, max: usize, what: &str) -> Result<Vec<u8>> {
+pub async fn read_capped(
+    resp: Response,
+    settings: &FetchSettings,
+    max: usize,
+    what: &str,
+) -> Result<Vec<u8>> {
     let too_long = || {
         Error::new(
             Code::UpstreamError,
@@ -180,11 +262,10 @@ pub async fn read_capped(resp: Response, max: usize, what: &str) -> Result<Vec<u
     if resp.content_length().is_some_and(|n| n > max as u64) {
         return Err(too_long());
     }
-    let url = resp.url().to_string();
     let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
-        let chunk = chunk.map_err(|e| transport_error(&url, e).error)?;
+    let mut stream = Body::new(resp, settings);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|a| a.error)?;
         if body.len() + chunk.len() > max {
             return Err(too_long());
         }

@@ -2,10 +2,9 @@
 
 use std::sync::Arc;
 
-use futures_util::StreamExt;
 use reqwest::{Client, Url};
 
-use super::client::{Attempt, response_error, send, transport_error, with_retries};
+use super::client::{Attempt, Body, response_error, send, with_retries};
 use super::{Fetched, plain_module};
 use crate::cache::store::{BlobWriter, Store};
 use crate::config::{Config, FetchSettings};
@@ -70,7 +69,7 @@ impl HttpFetcher {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
             let mut w = self.store.writer(self.max_size, &shown)?;
-            download(resp, &mut w, url.as_str()).await?;
+            download(resp, &self.settings, &mut w).await?;
             Ok(Some((w.finish().await?, new_tag)))
         })
         .await?;
@@ -86,13 +85,12 @@ impl HttpFetcher {
 /// Streams a response body into `w`.
 pub async fn download(
     resp: reqwest::Response,
+    settings: &FetchSettings,
     w: &mut BlobWriter,
-    url: &str,
 ) -> std::result::Result<(), Attempt> {
-    let mut body = resp.bytes_stream();
+    let mut body = Body::new(resp, settings);
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| transport_error(url, e))?;
-        w.write(&chunk).await?;
+        w.write(&chunk?).await?;
     }
     Ok(())
 }

@@ -252,3 +252,29 @@ async fn issue_9_retry_after_is_honoured_and_clamped() {
     d.fetch_ok(json!({"url": srv.url("/absurd.wasm")})).await;
     assert_eq!(srv.count("/absurd.wasm"), 2);
 }
+
+/// Issue 9: a server dripping a byte now and then never tripped the per-read timeout, so a
+/// fetch hung until `total_timeout`. A body slower than `[fetch] min_rate` over
+/// `min_rate_window` is now a `timeout` of its own.
+#[tokio::test]
+async fn issue_9_a_dripping_body_is_a_timeout() {
+    let srv = HttpServer::start(vec![(
+        "/drip.wasm",
+        Route::Drip(10_000, std::time::Duration::from_millis(100)),
+    )]);
+    let d = Daemon::start(DaemonOpts {
+        fetch: Some(
+            "[fetch]\nrequest_timeout = \"20s\"\ntotal_timeout = \"60s\"\nretries = 0\nmin_rate = \"1KiB\"\nmin_rate_window = \"1s\"\n"
+                .into(),
+        ),
+        ..Default::default()
+    });
+    let (status, v) = d.fetch(json!({"url": srv.url("/drip.wasm")})).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (504, Some("timeout")),
+        "{v}"
+    );
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("less than 1024 bytes/s"), "{msg}");
+}

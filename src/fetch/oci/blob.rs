@@ -1,7 +1,6 @@
 //! Layer blobs: streamed into a temp file of the store while their digest and size are
 //! checked, through the session's one challenge-and-retry path.
 
-use futures_util::StreamExt;
 use reqwest::Method;
 
 use super::OciFetcher;
@@ -9,7 +8,7 @@ use super::manifest::Descriptor;
 use super::session::Session;
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
-use crate::fetch::client::{Attempt, transport_error};
+use crate::fetch::client::{Attempt, Body};
 
 impl OciFetcher {
     /// A copy of a blob this same source served before, as a new temp file (no download).
@@ -82,12 +81,10 @@ impl OciFetcher {
         resp: reqwest::Response,
         what: &str,
     ) -> std::result::Result<(tempfile::NamedTempFile, Digest, u64), Attempt> {
-        let url = resp.url().to_string();
         let mut w = self.store.writer(self.max_size, what)?;
-        let mut body = resp.bytes_stream();
+        let mut body = Body::new(resp, &self.settings);
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| transport_error(&url, e))?;
-            w.write(&chunk).await?;
+            w.write(&chunk?).await?;
         }
         Ok(w.finish().await?)
     }

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 
-use futures_util::StreamExt;
 use reqwest::Method;
 use reqwest::header::CONTENT_TYPE;
 use serde::Deserialize;
@@ -12,7 +11,7 @@ use super::OciFetcher;
 use super::session::Session;
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
-use crate::fetch::client::transport_error;
+use crate::fetch::client::Body;
 
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -117,11 +116,10 @@ impl OciFetcher {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let url = resp.url().to_string();
         let mut body = Vec::new();
-        let mut stream = resp.bytes_stream();
+        let mut stream = Body::new(resp, &self.settings);
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| transport_error(&url, e).error)?;
+            let chunk = chunk.map_err(|a| a.error)?;
             if (body.len() + chunk.len()) as u64 > MAX_MANIFEST {
                 return Err(Error::new(
                     Code::TooLarge,

@@ -311,6 +311,7 @@ impl OciFetcher {
         }
         let bytes = read_capped(
             resp,
+            &self.settings,
             MAX_TOKEN_ANSWER,
             &format!("registry {}: token service {shown}", s.registry),
         )

@@ -26,6 +26,8 @@ pub enum Route {
     Redirect(String),
     /// 200 with a declared length, `n` bytes of body, then silence (the connection stays open).
     Stall(usize),
+    /// 200 with a declared length of `n` bytes, sent one byte every `every`.
+    Drip(usize, std::time::Duration),
     /// `429` with `Retry-After: secs` for the first `n` requests, then 200 with the bytes.
     RetryAfter(usize, u64, Vec<u8>),
     /// 200 with these bytes, sent only once the test notifies the gate.
@@ -109,6 +111,18 @@ impl HttpServer {
                         Response::builder()
                             .status(200)
                             .header("content-length", (n * 4).to_string())
+                            .body(Body::from_stream(stream))
+                            .unwrap()
+                    }
+                    Some(Route::Drip(n, every)) => {
+                        let every = *every;
+                        let stream = futures_util::stream::iter(0..*n).then(move |_| async move {
+                            tokio::time::sleep(every).await;
+                            Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b"x"))
+                        });
+                        Response::builder()
+                            .status(200)
+                            .header("content-length", n.to_string())
                             .body(Body::from_stream(stream))
                             .unwrap()
                     }
