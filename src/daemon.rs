@@ -15,22 +15,57 @@ use crate::metrics::Metrics;
 use crate::service::Service;
 
 /// Binds the unix socket at `path` with `mode`, replacing a stale socket file but refusing
-/// to steal one that a live daemon still listens on.
+/// to steal one that a live daemon still listens on (or that it cannot prove dead).
+///
+/// The socket is created in a private directory beside `path` (mode 0700), given its mode
+/// there and renamed into place, so it never exists at `path` with any other mode, and no
+/// chmod can be redirected by a symlink. A socket directory inside a world-writable
+/// directory (the `/tmp` fallback) is used only when this process's user owns it and no one
+/// else may write to it.
 pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
-    if let Some(parent) = path.parent()
-        && !parent.as_os_str().is_empty()
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    if let Some(grand) = parent.parent()
+        && !grand.as_os_str().is_empty()
+        && std::fs::metadata(grand)?.mode() & 0o002 != 0
     {
-        std::fs::create_dir_all(parent)?;
+        let me = std::fs::metadata("/proc/self")?.uid();
+        let dir = std::fs::symlink_metadata(parent)?;
+        if !dir.is_dir() || dir.uid() != me || dir.mode() & 0o022 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is inside a world-writable directory but is not a directory that only uid {me} may write to",
+                    parent.display()
+                ),
+            ));
+        }
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("another process is listening on {}", path.display()),
-                ));
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        format!("another process is listening on {}", path.display()),
+                    ));
+                }
+                // Nobody listens: a socket a crash left behind, replaced below.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cannot tell whether {} is still in use ({e}); not replacing it",
+                            path.display()
+                        ),
+                    ));
+                }
             }
-            std::fs::remove_file(path)?;
         }
         Ok(_) => {
             return Err(std::io::Error::new(
@@ -40,9 +75,19 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
         }
         Err(_) => {}
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    // Short: a socket path has at most 107 bytes.
+    let private = parent.join(format!(".b{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let result = (|| {
+        let tmp = private.join("s");
+        let listener = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    result
 }
 
 /// Builds the service for `config`: opens the cache (blocking work at start).

@@ -343,3 +343,65 @@ fn raw_post(socket: &std::path::Path, path: &str, body: &[u8]) -> (u16, String) 
         .unwrap_or(0);
     (status, text)
 }
+
+/// Runs `wasm-cache serve` with a config whose sockets live in `sock_dir`; the exit status
+/// and stderr once it exits by itself (killed, and `None`, if it is still running after 10 s).
+fn serve_once(dir: &std::path::Path, sock_dir: &std::path::Path) -> Option<(bool, String)> {
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "socket = {:?}\nadmin_socket = {:?}\ncache_dir = {:?}\n",
+            sock_dir.join("s.sock"),
+            sock_dir.join("a.sock"),
+            dir.join("cache")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasm-cache"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            return Some((status.success(), err));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Issue 9: the socket directory under a world-writable directory (the `/tmp` fallback) was
+/// used whoever owned it, so another user could pre-create it and own the daemon's sockets.
+#[test]
+fn issue_9_a_socket_dir_in_a_world_writable_dir_must_be_ours() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let theirs = shared.join("wasm-cache");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (ok, err) = serve_once(dir.path(), &theirs)
+        .expect("the daemon started in a directory others may write to");
+    assert!(!ok);
+    assert!(err.contains("world-writable"), "{err}");
+    assert!(!theirs.join("s.sock").exists());
+    // Owned by someone else, even if only they may write to it.
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    if std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).is_ok() {
+        let (ok, err) = serve_once(dir.path(), &theirs)
+            .expect("the daemon started in a directory another user owns");
+        assert!(!ok);
+        assert!(err.contains("world-writable"), "{err}");
+    } else {
+        eprintln!("skipping the other-owner half: chown is not allowed here");
+    }
+}
