@@ -46,6 +46,8 @@ pub mod listen;
 pub mod metrics;
 pub mod netguard;
 pub mod policy;
+#[cfg(test)]
+mod properties;
 pub mod report;
 pub mod server;
 pub mod service;

@@ -121,6 +121,16 @@ impl Source {
                         "invalid file url {url:?}: expected file:///absolute/path"
                     ))
                 })?;
+                if path
+                    .as_os_str()
+                    .as_encoded_bytes()
+                    .iter()
+                    .any(|b| b.is_ascii_control())
+                {
+                    return Err(Error::invalid(format!(
+                        "invalid file url {url:?}: control characters in the path"
+                    )));
+                }
                 Ok(Source::File(path))
             }
             other => Err(Error::new(
@@ -143,7 +153,10 @@ impl Source {
                 u.set_fragment(None);
                 redact_url(&u)
             }
-            Source::File(p) => format!("file://{}", p.display()),
+            // Percent-encoded as a url, so the key parses back to the same path.
+            Source::File(p) => Url::from_file_path(p)
+                .map(|u| u.to_string())
+                .unwrap_or_else(|()| format!("file://{}", p.display())),
         }
     }
 

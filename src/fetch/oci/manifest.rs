@@ -304,4 +304,31 @@ mod tests {
         );
         assert!(pick_from_index(&[entry(OCI_MANIFEST, "unknown", "unknown", true)]).is_none());
     }
+
+    proptest::proptest! {
+        /// Issue 9: any index picks a manifest or none, never panics; any manifest document
+        /// parses or is refused.
+        #[test]
+        fn any_index_or_manifest_is_handled(
+            entries in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![OCI_MANIFEST, DOCKER_MANIFEST, OCI_INDEX, DOCKER_LIST, "x", ""]),
+                    proptest::sample::select(vec!["wasm", "amd64", "unknown", ""]),
+                    proptest::sample::select(vec!["wasip1", "linux", "unknown", ""]),
+                    proptest::prelude::any::<bool>(),
+                ),
+                0..12,
+            ),
+            doc in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let entries: Vec<Descriptor> = entries
+                .into_iter()
+                .map(|(m, a, o, att)| entry(m, a, o, att))
+                .collect();
+            if let Some(d) = pick_from_index(&entries) {
+                proptest::prop_assert!(entries.iter().any(|e| e.digest == d.digest));
+            }
+            let _ = serde_json::from_slice::<ManifestDoc>(&doc);
+        }
+    }
 }
