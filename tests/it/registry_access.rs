@@ -365,3 +365,27 @@ async fn issue_9_kill_9_at_random_moments_never_leaves_a_corrupt_or_lost_module(
         "no download ever finished before a kill"
     );
 }
+
+/// Issue 9, the hostile upstream: a connection reset mid-body is retried transparently, and
+/// a body that never ends stops at `max_module_size` (`too_large`), with nothing kept.
+#[tokio::test]
+async fn issue_9_a_reset_mid_body_is_retried_and_an_endless_body_is_too_large() {
+    let m = wasm_module("cut", 100_000);
+    let srv = HttpServer::start(vec![
+        ("/cut.wasm", Route::CutOnce(m.clone())),
+        ("/endless.wasm", Route::Endless),
+    ]);
+    let d = Daemon::start(DaemonOpts {
+        top: "max_module_size = \"2MiB\"".into(),
+        ..Default::default()
+    });
+    let ok = d.fetch_ok(json!({"url": srv.url("/cut.wasm")})).await;
+    assert_eq!(ok["digest"], sha(&m));
+    assert_eq!(srv.count("/cut.wasm"), 2, "one cut, one retry");
+    let (status, code) = d.fetch_err(json!({"url": srv.url("/endless.wasm")})).await;
+    assert_eq!((status, code.as_str()), (422, "too_large"));
+    assert_eq!(
+        std::fs::read_dir(d.cache_dir.join("tmp")).unwrap().count(),
+        0
+    );
+}

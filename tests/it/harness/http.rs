@@ -26,6 +26,10 @@ pub enum Route {
     Redirect(String),
     /// 200 with a declared length, `n` bytes of body, then silence (the connection stays open).
     Stall(usize),
+    /// The first request gets half of the bytes and then a broken connection; later ones all.
+    CutOnce(Vec<u8>),
+    /// 200 with no declared length and a body that never ends.
+    Endless,
     /// 200 with a declared length of `n` bytes, sent one byte every `every`.
     Drip(usize, std::time::Duration),
     /// `429` with `Retry-After: secs` for the first `n` requests, then 200 with the bytes.
@@ -111,6 +115,29 @@ impl HttpServer {
                         Response::builder()
                             .status(200)
                             .header("content-length", (n * 4).to_string())
+                            .body(Body::from_stream(stream))
+                            .unwrap()
+                    }
+                    Some(Route::CutOnce(b)) if n == 1 => {
+                        let half = axum::body::Bytes::from(b[..b.len() / 2].to_vec());
+                        let stream = futures_util::stream::iter([
+                            Ok(half),
+                            Err(std::io::Error::other("connection reset by the test server")),
+                        ]);
+                        Response::builder()
+                            .status(200)
+                            .header("content-length", b.len().to_string())
+                            .body(Body::from_stream(stream))
+                            .unwrap()
+                    }
+                    Some(Route::CutOnce(b)) => resp(200, b.clone()),
+                    Some(Route::Endless) => {
+                        let chunk = axum::body::Bytes::from(vec![0u8; 64 << 10]);
+                        let stream = futures_util::stream::repeat_with(move || {
+                            Ok::<_, std::io::Error>(chunk.clone())
+                        });
+                        Response::builder()
+                            .status(200)
                             .body(Body::from_stream(stream))
                             .unwrap()
                     }
