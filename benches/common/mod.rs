@@ -17,6 +17,8 @@ pub struct Daemon {
     child: Child,
     /// A client on the proxies' socket.
     pub client: reqwest::Client,
+    /// The proxies' socket.
+    socket: PathBuf,
 }
 
 impl Daemon {
@@ -59,7 +61,7 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(10));
         }
         let client = reqwest::Client::builder()
-            .unix_socket(socket)
+            .unix_socket(socket.clone())
             .build()
             .unwrap();
         Daemon {
@@ -67,7 +69,13 @@ impl Daemon {
             files,
             child,
             client,
+            socket,
         }
+    }
+
+    /// The proxies' socket.
+    pub fn socket(&self) -> PathBuf {
+        self.socket.clone()
     }
 
     /// The daemon's process id.
