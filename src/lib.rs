@@ -28,12 +28,14 @@
 //!   counters.
 //! - [`daemon`]: socket binding (or systemd socket activation), startup and shutdown;
 //!   [`cli`], [`client`] and [`report`]: the command line and its output.
+//! - [`blocking`]: blocking work that stops when its fetch is abandoned.
 //! - [`error`]: the error type and its stable wire codes; [`testkit`]: Wasm modules for the
 //!   tests and benchmarks.
 
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod blocking;
 pub mod cache;
 pub mod cli;
 pub mod client;

@@ -63,9 +63,9 @@ proptest! {
         let mut f = store.temp_file().unwrap();
         f.write_all(&data).unwrap();
         for entry in [crate::fetch::unpack::TarEntry::First, crate::fetch::unpack::TarEntry::PluginWasm] {
-            let _ = crate::fetch::unpack::unwrap(&store, f.path(), 1 << 20, entry, false);
+            let _ = crate::fetch::unpack::unwrap(&store, f.path(), 1 << 20, entry, false, None);
         }
-        let _ = crate::verify::validate_file(f.path());
+        let _ = crate::verify::validate_file(f.path(), None);
     }
 
     /// Any config text parses into validated settings or a clear error.

@@ -17,7 +17,8 @@ const MAGIC: &[u8; 4] = b"\0asm";
 
 /// Checks that `path` holds a valid Wasm core module or component: the magic and version
 /// header, then full `wasmparser` validation. Blocking; call from `spawn_blocking`.
-pub fn validate_file(path: &Path) -> Result<()> {
+/// Stops early (an `internal` error nobody waits for) once `cancel` is set.
+pub fn validate_file(path: &Path, cancel: Option<&crate::blocking::Cancel>) -> Result<()> {
     let mut file = File::open(path).map_err(|e| Error::internal("opening module", e))?;
     let mut head = [0u8; 8];
     let mut got = 0;
@@ -49,6 +50,10 @@ pub fn validate_file(path: &Path) -> Result<()> {
     let mut at_boundary = false;
     let mut bodies_left: u32 = 0;
     loop {
+        if cancel.is_some_and(|c| c.is_set()) {
+            crate::blocking::Cancel::note_stopped("validating module");
+            return Err(Error::internal("validating module", "abandoned"));
+        }
         if stack.is_empty() && at_boundary && buf.first() == Some(&0) {
             // Enough bytes for the section id and its size (a LEB128 u32: up to 5 bytes).
             while buf.len() < 6 && !eof {
@@ -166,7 +171,7 @@ mod tests {
     fn check(bytes: &[u8]) -> Result<()> {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(bytes).unwrap();
-        validate_file(f.path())
+        validate_file(f.path(), None)
     }
 
     /// A module with one custom section, as the tests build them.

@@ -285,9 +285,10 @@ pub async fn plain_module(
 /// Validates a module file as Wasm (off the async runtime).
 pub async fn validate(file: &NamedTempFile) -> Result<()> {
     let path = file.path().to_path_buf();
-    tokio::task::spawn_blocking(move || crate::verify::validate_file(&path))
-        .await
-        .map_err(|e| Error::internal("validating module", e))?
+    crate::blocking::run("validating module", move |cancel| {
+        crate::verify::validate_file(&path, Some(cancel))
+    })
+    .await?
 }
 
 /// Unwraps gzip/tar around a downloaded file (off the async runtime), then validates the
@@ -302,11 +303,10 @@ pub async fn unwrap_and_validate(
     let (file, digest, size) = downloaded;
     let path = file.path().to_path_buf();
     let st = store.clone();
-    let unwrapped = tokio::task::spawn_blocking(move || {
-        unpack::unwrap(&st, &path, max_size, entry, require_tar)
+    let unwrapped = crate::blocking::run("unpacking module", move |cancel| {
+        unpack::unwrap(&st, &path, max_size, entry, require_tar, Some(cancel))
     })
-    .await
-    .map_err(|e| Error::internal("unpacking module", e))??;
+    .await??;
     let out = match unwrapped {
         unpack::Unwrapped::Plain => (file, digest, size),
         unpack::Unwrapped::Extracted(f, d, s) => (f, d, s),

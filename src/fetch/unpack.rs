@@ -104,6 +104,7 @@ pub fn unwrap(
     max_size: u64,
     entry: TarEntry,
     require_tar: bool,
+    cancel: Option<&crate::blocking::Cancel>,
 ) -> Result<Unwrapped> {
     let io = UnpackError::Io;
     let mut file = File::open(input).map_err(io)?;
@@ -129,6 +130,7 @@ pub fn unwrap(
         let counted = Counted {
             inner: std::io::Cursor::new(head).chain(reader),
             left: budget,
+            cancel: cancel.cloned(),
         };
         return extract_tar(store, counted, max_size, entry)
             .map(|(f, d, s)| Unwrapped::Extracted(f, d, s));
@@ -139,7 +141,11 @@ pub fn unwrap(
     if !gz {
         return Ok(Unwrapped::Plain);
     }
-    let chained = std::io::Cursor::new(head).chain(reader);
+    let chained = Counted {
+        inner: std::io::Cursor::new(head).chain(reader),
+        left: u64::MAX,
+        cancel: cancel.cloned(),
+    };
     let (f, d, s) = copy_capped(store, chained, max_size, "the decompressed module")?;
     Ok(Unwrapped::Extracted(f, d, s))
 }
@@ -152,16 +158,28 @@ const ARCHIVE_OVERHEAD: u64 = 1 << 20;
 #[error("the archive is larger than its budget")]
 struct OverBudget;
 
-/// A reader that fails once more than `left` bytes were read through it.
+/// A reader that fails once more than `left` bytes were read through it, or once nobody
+/// waits for its result any more.
 struct Counted<R> {
     /// The archive stream.
     inner: R,
     /// Bytes it may still yield.
     left: u64,
+    /// Set when the fetch this is for timed out or was abandoned.
+    cancel: Option<crate::blocking::Cancel>,
 }
+
+/// Why a [`Counted`] reader stopped early.
+#[derive(Debug, thiserror::Error)]
+#[error("abandoned")]
+struct Abandoned;
 
 impl<R: Read> Read for Counted<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.cancel.as_ref().is_some_and(|c| c.is_set()) {
+            crate::blocking::Cancel::note_stopped("unpacking module");
+            return Err(std::io::Error::other(Abandoned));
+        }
         if self.left == 0 {
             // One more byte would be over: tell apart "exactly at the budget" from "over".
             let mut probe = [0u8; 1];
@@ -295,7 +313,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let mut f = store.temp_file().unwrap();
         f.write_all(bytes).unwrap();
-        unwrap(&store, f.path(), max, TarEntry::PluginWasm, true)
+        unwrap(&store, f.path(), max, TarEntry::PluginWasm, true, None)
     }
 
     /// Issue 9: a few MB of gzip could make the tar reader buffer a GNU long name (or pax

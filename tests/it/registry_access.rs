@@ -389,3 +389,39 @@ async fn issue_9_a_reset_mid_body_is_retried_and_an_endless_body_is_too_large() 
         0
     );
 }
+
+/// Issue 9: unpacking and validation ran to their end on the blocking pool after their fetch
+/// had timed out. They now stop at the next chunk (and say so in the log).
+#[tokio::test]
+async fn issue_9_blocking_work_stops_when_its_fetch_times_out() {
+    let d = Daemon::start(DaemonOpts {
+        top: "max_module_size = \"2GiB\"".into(),
+        fetch: Some("[fetch]\ntotal_timeout = \"300ms\"\nretries = 0\n".into()),
+        ..Default::default()
+    });
+    // 1 GiB of zeros behind a small gzip: far more than 300 ms of decompression.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..1024 {
+        std::io::Write::write_all(&mut gz, &zeros).unwrap();
+    }
+    std::fs::write(d.files_dir().join("bomb.wasm.gz"), gz.finish().unwrap()).unwrap();
+    let url = format!("file://{}", d.files_dir().join("bomb.wasm.gz").display());
+    let (status, code) = d.fetch_err(json!({"url": url})).await;
+    assert_eq!((status, code.as_str()), (504, "timeout"));
+    wait_until(
+        "the unpacking to stop",
+        400,
+        std::time::Duration::from_millis(25),
+        || {
+            d.log_text()
+                .contains("stopped: the fetch it was for timed out or was abandoned")
+        },
+    );
+    wait_until(
+        "its temp files to go",
+        400,
+        std::time::Duration::from_millis(25),
+        || std::fs::read_dir(d.cache_dir.join("tmp")).unwrap().count() == 0,
+    );
+}
