@@ -57,14 +57,7 @@ pub fn validate_file(path: &Path, cancel: Option<&crate::blocking::Cancel>) -> R
         if stack.is_empty() && at_boundary && buf.first() == Some(&0) {
             // Enough bytes for the section id and its size (a LEB128 u32: up to 5 bytes).
             while buf.len() < 6 && !eof {
-                let n = file
-                    .read(&mut chunk)
-                    .map_err(|e| Error::internal("reading module", e))?;
-                if n == 0 {
-                    eof = true;
-                } else {
-                    buf.extend_from_slice(&chunk[..n]);
-                }
+                eof = read_more(&mut file, &mut chunk, &mut buf)?;
             }
             if let Some((size, leb_len)) = read_leb_u32(&buf[1..])
                 && u64::from(size) > SKIP_CUSTOM_OVER
@@ -86,14 +79,7 @@ pub fn validate_file(path: &Path, cancel: Option<&crate::blocking::Cancel>) -> R
                 if eof {
                     return Err(Error::new(Code::InvalidModule, "truncated Wasm module"));
                 }
-                let n = file
-                    .read(&mut chunk)
-                    .map_err(|e| Error::internal("reading module", e))?;
-                if n == 0 {
-                    eof = true;
-                } else {
-                    buf.extend_from_slice(&chunk[..n]);
-                }
+                eof = read_more(&mut file, &mut chunk, &mut buf)?;
                 continue;
             }
             Chunk::Parsed { consumed, payload } => (payload, consumed),
@@ -148,6 +134,15 @@ pub fn validate_file(path: &Path, cancel: Option<&crate::blocking::Cancel>) -> R
         }
         buf.drain(..consumed);
     }
+}
+
+/// Appends the next read of `file` to `buf` (through `chunk`); true at the end of the file.
+fn read_more(file: &mut File, chunk: &mut [u8], buf: &mut Vec<u8>) -> Result<bool> {
+    let n = file
+        .read(chunk)
+        .map_err(|e| Error::internal("reading module", e))?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n == 0)
 }
 
 /// A LEB128 u32 at the start of `b`: its value and length; `None` when it is not complete
