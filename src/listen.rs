@@ -211,7 +211,9 @@ pub async fn serve(
             let mut conn = pin!(builder.serve_connection(io, service));
             let mut tick = tokio::time::interval(limits.idle_timeout.min(Duration::from_secs(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut closing = false;
+            // Once closing: a response still in progress may finish, but a client that stopped
+            // reading it is dropped after one more idle period.
+            let mut closing: Option<Instant> = None;
             loop {
                 tokio::select! {
                     r = conn.as_mut() => {
@@ -220,14 +222,20 @@ pub async fn serve(
                         }
                         break;
                     }
-                    _ = tick.tick(), if !closing => {
-                        if activity.idle_for() >= limits.idle_timeout {
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
+                    _ = tick.tick() => {
+                        match closing {
+                            Some(at) if at.elapsed() >= limits.idle_timeout
+                                && activity.idle_for() >= limits.idle_timeout => break,
+                            Some(_) => {}
+                            None if activity.idle_for() >= limits.idle_timeout => {
+                                closing = Some(Instant::now());
+                                conn.as_mut().graceful_shutdown();
+                            }
+                            None => {}
                         }
                     }
-                    _ = stop.wait_for(|s| *s), if !closing => {
-                        closing = true;
+                    _ = stop.wait_for(|s| *s), if closing.is_none() => {
+                        closing = Some(Instant::now());
                         conn.as_mut().graceful_shutdown();
                     }
                 }

@@ -398,7 +398,11 @@ impl Service {
             });
         }
         let Source::Oci(r) = &req.source else {
-            unreachable!("proven_grant grants every non-OCI record")
+            // proven_grant grants every non-OCI record; a request and its record share a scheme.
+            return Err(Error::internal(
+                "authorizing",
+                "an OCI record for a non-OCI url",
+            ));
         };
         let key = format!(
             "verify|{}|{}|{}",

@@ -405,3 +405,32 @@ fn issue_9_a_socket_dir_in_a_world_writable_dir_must_be_ours() {
         eprintln!("skipping the other-owner half: chown is not allowed here");
     }
 }
+
+/// Issue 9: a client that stops reading a module it asked for held its connection (and,
+/// at the cap, every other client's slot) forever. Once idle, such a connection is given one
+/// more idle period to finish, then dropped.
+#[tokio::test]
+async fn issue_9_a_client_that_stops_reading_is_dropped() {
+    use std::io::Write;
+    let d = Daemon::start(DaemonOpts {
+        tables:
+            "[server]\nheader_read_timeout = \"1s\"\nidle_timeout = \"1s\"\nmax_connections = 1\n"
+                .into(),
+        ..Default::default()
+    });
+    let big = wasm_module("unread", 16 << 20);
+    std::fs::write(d.files_dir().join("big.wasm"), &big).unwrap();
+    let url = format!("file://{}", d.files_dir().join("big.wasm").display());
+    let module_url = d.fetch_ok(json!({"url": url})).await["moduleUrl"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Ask for 16 MiB and never read them.
+    let mut stalled = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    write!(stalled, "GET {module_url} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (s, _) = tokio::time::timeout(std::time::Duration::from_secs(30), d.get("/healthz"))
+        .await
+        .expect("the stalled reader kept the only connection slot");
+    assert_eq!(s, 200);
+    drop(stalled);
+}
