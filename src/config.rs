@@ -735,6 +735,29 @@ impl RawConfig {
 mod tests {
     use super::*;
 
+    /// The example config documents every key: it parses, and what it sets is the default.
+    #[test]
+    fn the_example_config_parses_to_the_defaults() {
+        let text = include_str!("../config/wasm-cache.toml");
+        let example = Config::parse_raw(text, Path::new("config/wasm-cache.toml"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let defaults = Config::parse_raw("", Path::new("empty.toml"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(example.limits, defaults.limits);
+        assert_eq!(example.conn, defaults.conn);
+        assert_eq!(example.fetch.max_concurrent, defaults.fetch.max_concurrent);
+        assert_eq!(example.fetch.min_rate, defaults.fetch.min_rate);
+        assert_eq!(
+            example.fetch.min_rate_window,
+            defaults.fetch.min_rate_window
+        );
+        assert_eq!(example.max_module_size, defaults.max_module_size);
+    }
+
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse_raw(text, Path::new("t.toml"))?.validate()
     }

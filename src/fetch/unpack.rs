@@ -46,7 +46,7 @@ pub enum UnpackError {
         max: u64,
     },
     /// The archive (headers and skipped entries included) is over the module cap plus
-    /// [`ARCHIVE_OVERHEAD`].
+    /// 1 MiB.
     #[error(
         "the archive holds more than the maximum module size plus 1 MiB (headers and skipped entries count)"
     )]
