@@ -142,14 +142,16 @@ impl Cache {
         if modules.iter().any(|m| m.digest == rec.module) {
             return Ok(());
         }
+        // Downloads in progress count too: they are about to need the room.
+        let room = max.saturating_sub(self.store.pending_bytes());
         let mut total: u64 = modules.iter().map(|m| m.size).sum();
-        if total + rec.size <= max {
+        if total + rec.size <= room {
             return Ok(());
         }
         modules.sort_by_key(|m| (m.last_touched(), m.digest));
         let mut victims = Vec::new();
         for m in modules {
-            if total + rec.size <= max {
+            if total + rec.size <= room {
                 break;
             }
             total -= m.size;

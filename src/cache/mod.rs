@@ -56,7 +56,7 @@ impl Cache {
         settings: CacheSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Cache> {
-        let store = Store::open(root)?;
+        let store = Store::open(root)?.with_limit(settings.max_size);
         let index = Index::open(&store)?;
         if index.damaged().is_some() {
             metrics.index_damaged.inc();

@@ -9,6 +9,9 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tempfile::NamedTempFile;
 use tokio::io::AsyncWriteExt;
 
@@ -24,6 +27,32 @@ pub struct Store {
     blobs: PathBuf,
     /// `cache_dir/tmp`, for writes in progress; emptied at start.
     tmp: PathBuf,
+    /// Bytes of downloads in progress, counted against `[cache] max_size`.
+    pending: Arc<Pending>,
+}
+
+/// Bytes being written into `cache_dir/tmp` by downloads in progress.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Their sum.
+    bytes: AtomicU64,
+    /// `[cache] max_size`: downloads in progress may not hold more.
+    max: Option<u64>,
+}
+
+/// One writer's share of [`Pending`], given back when the writer is done.
+#[derive(Debug)]
+struct Reservation {
+    /// The shared count.
+    pending: Arc<Pending>,
+    /// This writer's bytes.
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.pending.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 fn io(context: &str, path: &Path, e: std::io::Error) -> Error {
@@ -59,7 +88,23 @@ impl Store {
             root: root.to_path_buf(),
             blobs,
             tmp,
+            pending: Arc::default(),
         })
+    }
+
+    /// The same store with downloads in progress bounded by `max` bytes in all (`[cache]
+    /// max_size`). Call before cloning the store.
+    pub fn with_limit(mut self, max: Option<u64>) -> Store {
+        self.pending = Arc::new(Pending {
+            bytes: AtomicU64::new(0),
+            max,
+        });
+        self
+    }
+
+    /// Bytes of downloads in progress (counted against `[cache] max_size`).
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending.bytes.load(Ordering::Relaxed)
     }
 
     /// The cache directory.
@@ -85,6 +130,10 @@ impl Store {
             hasher: Hasher::default(),
             max_size,
             what: what.to_string(),
+            reservation: Reservation {
+                pending: Arc::clone(&self.pending),
+                bytes: 0,
+            },
         })
     }
 
@@ -204,6 +253,8 @@ pub struct BlobWriter {
     max_size: u64,
     /// What is being written, for the `too_large` message.
     what: String,
+    /// Its bytes in the count of downloads in progress, until it is finished or dropped.
+    reservation: Reservation,
 }
 
 impl BlobWriter {
@@ -215,6 +266,36 @@ impl BlobWriter {
                 format!(
                     "{} exceeds the maximum size of {} bytes",
                     self.what, self.max_size
+                ),
+            ));
+        }
+        let n = chunk.len() as u64;
+        let now = self
+            .reservation
+            .pending
+            .bytes
+            .fetch_add(n, Ordering::Relaxed)
+            + n;
+        self.reservation.bytes += n;
+        if let Some(max) = self.reservation.pending.max
+            && self.reservation.bytes > max
+        {
+            return Err(Error::new(
+                Code::TooLarge,
+                format!(
+                    "{} is more than the whole cache may hold ([cache] max_size = {max})",
+                    self.what
+                ),
+            ));
+        }
+        if let Some(max) = self.reservation.pending.max
+            && now > max
+        {
+            return Err(Error::new(
+                Code::StorageFull,
+                format!(
+                    "{}: downloads in progress would hold more than [cache] max_size ({max} bytes)",
+                    self.what
                 ),
             ));
         }

@@ -911,3 +911,35 @@ async fn issue_9_resource_versions_per_record_are_bounded() {
     assert_eq!(rec.versions.len(), MAX_VERSIONS_PER_RECORD);
     assert!(rec.versions.contains_key("ns/p099"), "the newest is kept");
 }
+
+/// Issue 9: bytes being downloaded into `cache_dir/tmp` did not count against `[cache]
+/// max_size`. They do now: an install makes room for them too, and downloads in progress
+/// together may not hold more than the bound (`storage_full`).
+#[tokio::test]
+async fn issue_9_downloads_in_progress_count_against_max_size() {
+    let t = rig_with(VerifyPolicy::Never, Some(300));
+    let a = crate::testkit::wasm_module("a", 90);
+    let b = crate::testkit::wasm_module("b", 90);
+    t.fake.push("oci://reg.example/acme/a:1", &a);
+    t.fake.push("oci://reg.example/acme/b:1", &b);
+    t.get(req("oci://reg.example/acme/a:1")).await.unwrap();
+    // A download of 150 bytes is in progress.
+    let store = t.service.cache().store().clone();
+    let mut w = store.writer(u64::MAX, "in progress").unwrap();
+    w.write(&[0u8; 150]).await.unwrap();
+    assert_eq!(store.pending_bytes(), 150);
+    // a (102 bytes) + b (102) + 150 in progress > 300: a goes.
+    t.get(req("oci://reg.example/acme/b:1")).await.unwrap();
+    let cached: Vec<Digest> = t.service.list().iter().map(|m| m.digest).collect();
+    assert_eq!(cached, vec![Digest::of(&b)]);
+    // More in progress than the whole bound: refused.
+    let mut w2 = store.writer(u64::MAX, "too much").unwrap();
+    let e = w2.write(&[0u8; 151]).await.unwrap_err();
+    assert_eq!(e.code, Code::StorageFull);
+    drop((w, w2));
+    assert_eq!(
+        store.pending_bytes(),
+        0,
+        "finished and dropped writers give their bytes back"
+    );
+}
