@@ -719,12 +719,6 @@ impl Index {
     }
 }
 
-impl crate::fetch::KnownBlobs for Index {
-    fn source_has(&self, source: &str, d: &Digest) -> bool {
-        self.source_has_module(source, d)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

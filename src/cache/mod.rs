@@ -113,9 +113,19 @@ impl Cache {
         self.make_room(&rec).await?;
         let store = self.store.clone();
         let digest = rec.module;
-        tokio::task::spawn_blocking(move || store.commit(file, &digest))
-            .await
-            .map_err(|e| Error::internal("storing module", e))??;
+        let source = rec.is_oci().then(|| rec.source.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            store.commit(file, &digest)?;
+            // Best effort: without the list, a damaged index only costs a download.
+            if let Some(src) = source
+                && let Err(e) = store.add_source(&digest, &src)
+            {
+                tracing::warn!(error = %e, "could not note the source of a blob");
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::internal("storing module", e))??;
         self.intact
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -213,6 +223,13 @@ impl Cache {
         let _guard = self.lock.lock().await;
         self.remove(&[*d]).await?;
         Ok(false)
+    }
+}
+
+impl crate::fetch::KnownBlobs for Cache {
+    /// The index says so, or (after a damaged index) the list kept beside the blob does.
+    fn source_has(&self, source: &str, d: &Digest) -> bool {
+        self.index.source_has_module(source, d) || self.store.listed_source(d, source)
     }
 }
 

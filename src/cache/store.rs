@@ -178,8 +178,40 @@ impl Store {
         Ok(out)
     }
 
+    /// Where the sources a blob came from are listed (one source key a line).
+    fn sources_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs.join(format!("{}.sources", digest.hex()))
+    }
+
+    /// Notes that `source` produced the blob `digest`, beside the blob, so that the fact
+    /// survives a damaged index. Written to a temp file and renamed: the list is whole or
+    /// absent, never cut short (a cut line could name another source). Blocking.
+    pub fn add_source(&self, digest: &Digest, source: &str) -> Result<()> {
+        let path = self.sources_path(digest);
+        let mut lines: Vec<String> = match fs::read_to_string(&path) {
+            Ok(t) => t.lines().map(str::to_string).collect(),
+            Err(_) => Vec::new(),
+        };
+        if lines.iter().any(|l| l == source) {
+            return Ok(());
+        }
+        lines.push(source.to_string());
+        let mut tmp = self.temp_file()?;
+        tmp.write_all((lines.join("\n") + "\n").as_bytes())
+            .map_err(|e| io("writing", tmp.path(), e))?;
+        tmp.persist(&path)
+            .map_err(|e| io("renaming into", &path, e.error))?;
+        Ok(())
+    }
+
+    /// True when `source` is listed beside the blob `digest`. Blocking (a small read).
+    pub fn listed_source(&self, digest: &Digest, source: &str) -> bool {
+        fs::read_to_string(self.sources_path(digest)).is_ok_and(|t| t.lines().any(|l| l == source))
+    }
+
     /// Removes the blob for `digest`, if present. Open readers keep their bytes.
     pub fn remove(&self, digest: &Digest) -> Result<()> {
+        let _ = fs::remove_file(self.sources_path(digest));
         let p = self.blob_path(digest);
         match fs::remove_file(&p) {
             Ok(()) => sync_dir(&self.blobs),

@@ -520,7 +520,7 @@ impl Service {
                 pinned.digest = Some(resolved.value);
                 let source = Source::Oci(pinned);
                 upstream
-                    .fetch(&source, self.cache().index(), &caller.credentials())
+                    .fetch(&source, self.cache(), &caller.credentials())
                     .await
             }
             // An http(s) module with a validator: a conditional GET; 304 means unchanged.
@@ -534,7 +534,7 @@ impl Service {
             }
             _ => {
                 upstream
-                    .fetch(&req.source, self.cache().index(), &caller.credentials())
+                    .fetch(&req.source, self.cache(), &caller.credentials())
                     .await
             }
         };

@@ -590,3 +590,37 @@ async fn issue_9_a_full_disk_is_storage_full_and_leaves_nothing_behind() {
     let again = d.fetch_ok(json!({"url": url("big.wasm")})).await;
     assert_eq!(again["digest"], sha(&big));
 }
+
+/// Issue 9: after a damaged index, a fetch from the same source re-reads the manifest and
+/// re-uses the blob on disk (checked against its digest) instead of downloading it; a
+/// different source listing the same digest still downloads it (the cross-source rule).
+#[tokio::test]
+async fn issue_9_after_a_damaged_index_the_same_source_reuses_its_blob() {
+    let (registry, proxy) = shared();
+    let p = Pusher::new(&registry.addr);
+    let m = wasm_module("reuse-after-damage", 5000);
+    push_solo(&p, "damage/one", "v1", &m).await;
+    push_solo(&p, "damage/two", "v1", &m).await;
+    let mut d = Daemon::start(DaemonOpts::default());
+    let one = format!("oci://{}/damage/one:v1", proxy.addr);
+    let two = format!("oci://{}/damage/two:v1", proxy.addr);
+    assert_eq!(d.fetch_ok(json!({"url": one})).await["cache"], "miss");
+    d.stop();
+    std::fs::write(d.cache_dir.join("index.redb"), b"not a database").unwrap();
+    d.start_again();
+    let blobs_one = proxy.count("GET /v2/damage/one/blobs/");
+    let again = d.fetch_ok(json!({"url": one})).await;
+    assert_eq!(again["digest"], sha(&m));
+    assert_eq!(
+        proxy.count("GET /v2/damage/one/blobs/"),
+        blobs_one,
+        "the same source's blob was downloaded again"
+    );
+    let blobs_two = proxy.count("GET /v2/damage/two/blobs/");
+    assert_eq!(d.fetch_ok(json!({"url": two})).await["digest"], sha(&m));
+    assert_eq!(
+        proxy.count("GET /v2/damage/two/blobs/"),
+        blobs_two + 1,
+        "another source's listing must not open the blob"
+    );
+}

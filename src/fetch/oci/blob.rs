@@ -11,18 +11,32 @@ use crate::error::{Code, Error, Result};
 use crate::fetch::client::{Attempt, Body};
 
 impl OciFetcher {
-    /// A copy of a blob this same source served before, as a new temp file (no download).
+    /// A copy of a blob this same source served before, as a new temp file (no download),
+    /// checked against its digest on the way (it may be what a damaged index left).
     pub(super) async fn copy_stored(
         &self,
         digest: &Digest,
-    ) -> Result<(tempfile::NamedTempFile, Digest, u64)> {
+    ) -> Result<Option<(tempfile::NamedTempFile, Digest, u64)>> {
         let src = self.store.blob_path(digest);
-        let tmp = self.store.temp_file()?;
-        let dst = tmp.path().to_path_buf();
-        let size = tokio::fs::copy(&src, &dst)
-            .await
-            .map_err(|e| Error::io("copying cached blob", e))?;
-        Ok((tmp, *digest, size))
+        let mut file = match tokio::fs::File::open(&src).await {
+            Ok(f) => f,
+            Err(_) => return Ok(None),
+        };
+        let mut w = self
+            .store
+            .writer(self.max_size, &format!("cached blob {digest}"))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = tokio::io::AsyncReadExt::read(&mut file, &mut buf)
+                .await
+                .map_err(|e| Error::io("copying cached blob", e))?;
+            if n == 0 {
+                break;
+            }
+            w.write(&buf[..n]).await?;
+        }
+        let out = w.finish().await?;
+        Ok((out.1 == *digest).then_some(out))
     }
 
     /// Streams a blob into a temp file, checking its size and digest. The request goes

@@ -216,9 +216,11 @@ impl OciFetcher {
             if layer.size > self.max_size {
                 return Err(too_large(layer.size, self.max_size));
             }
-            if known.source_has(source, &digest) && self.store.has(&digest) {
+            if known.source_has(source, &digest)
+                && let Some(copy) = self.copy_stored(&digest).await?
+            {
                 // Same source served these exact bytes before: copy, no download.
-                return self.copy_stored(&digest).await;
+                return Ok(copy);
             }
             let downloaded = self.blob(s, layer, digest).await?;
             let out = unwrap_and_validate(

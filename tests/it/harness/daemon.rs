@@ -246,10 +246,14 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Module blobs in the cache.
+    /// Module blobs in the cache (not the source lists beside them).
     pub fn blob_count(&self) -> usize {
         std::fs::read_dir(self.cache_dir.join("blobs").join("sha256"))
-            .map(|d| d.count())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().ends_with(".sources"))
+                    .count()
+            })
             .unwrap_or(0)
     }
 }
