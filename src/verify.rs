@@ -7,8 +7,17 @@ use std::path::Path;
 use wasmparser::{Chunk, Parser, Payload, ValidPayload, Validator, WasmFeatures};
 
 /// Custom sections larger than this are skipped without being read into memory: their
-/// content does not take part in validation, and a module may be mostly one of them.
+/// content does not take part in validation, and a module may be mostly one of them. Data
+/// sections larger than this are streamed: each segment's header is validated, its bytes
+/// are skipped.
 const SKIP_CUSTOM_OVER: u64 = 64 << 10;
+
+/// The custom section id.
+const CUSTOM_SECTION: u8 = 0;
+/// The data section id.
+const DATA_SECTION: u8 = 11;
+/// Most bytes a data segment's header (flags, memory index, offset expression) may take.
+const MAX_SEGMENT_HEADER: usize = 64 << 10;
 
 use crate::error::{Code, Error, Result};
 
@@ -54,7 +63,10 @@ pub fn validate_file(path: &Path, cancel: Option<&crate::blocking::Cancel>) -> R
             crate::blocking::Cancel::note_stopped("validating module");
             return Err(Error::internal("validating module", "abandoned"));
         }
-        if stack.is_empty() && at_boundary && buf.first() == Some(&0) {
+        if stack.is_empty()
+            && at_boundary
+            && matches!(buf.first(), Some(&CUSTOM_SECTION | &DATA_SECTION))
+        {
             // Enough bytes for the section id and its size (a LEB128 u32: up to 5 bytes).
             while buf.len() < 6 && !eof {
                 eof = read_more(&mut file, &mut chunk, &mut buf)?;
@@ -62,14 +74,34 @@ pub fn validate_file(path: &Path, cancel: Option<&crate::blocking::Cancel>) -> R
             if let Some((size, leb_len)) = read_leb_u32(&buf[1..])
                 && u64::from(size) > SKIP_CUSTOM_OVER
             {
-                let total = 1 + leb_len as u64 + u64::from(size);
-                let in_buf = (buf.len() as u64).min(total);
-                buf.drain(..in_buf as usize);
-                let rest = total - in_buf;
-                let skipped = std::io::copy(&mut (&mut file).take(rest), &mut std::io::sink())
-                    .map_err(|e| Error::internal("reading module", e))?;
-                if skipped < rest {
-                    return Err(Error::new(Code::InvalidModule, "truncated Wasm module"));
+                let id = buf[0];
+                buf.drain(..1 + leb_len);
+                let mut section = Section {
+                    file: &mut file,
+                    buf: &mut buf,
+                    chunk: &mut chunk,
+                    left: u64::from(size),
+                };
+                if id == CUSTOM_SECTION {
+                    section.skip_rest()?;
+                } else {
+                    // The parser and validator see the same section with every segment's
+                    // bytes left out: headers, counts and order are all still checked.
+                    let body = section.data_headers()?;
+                    let mut header = vec![DATA_SECTION];
+                    write_leb_u32(&mut header, body.len() as u32);
+                    header.extend_from_slice(&body);
+                    buf.splice(0..0, header);
+                    // The parser takes it from here, as a section like any other.
+                    let (payload, consumed) = match cur.parse(&buf, eof).map_err(invalid)? {
+                        Chunk::Parsed { consumed, payload } => (payload, consumed),
+                        Chunk::NeedMoreData(_) => {
+                            return Err(Error::internal("validating module", "data section"));
+                        }
+                    };
+                    validator.payload(&payload).map_err(invalid)?;
+                    buf.drain(..consumed);
+                    at_boundary = true;
                 }
                 continue;
             }
@@ -136,6 +168,129 @@ pub fn validate_file(path: &Path, cancel: Option<&crate::blocking::Cancel>) -> R
     }
 }
 
+/// The rest of a section being streamed: what is buffered, then the file.
+struct Section<'a> {
+    /// The module file.
+    file: &'a mut File,
+    /// Bytes read and not yet consumed.
+    buf: &'a mut Vec<u8>,
+    /// Read buffer.
+    chunk: &'a mut [u8],
+    /// Bytes of the section not yet consumed.
+    left: u64,
+}
+
+impl Section<'_> {
+    /// Buffers up to `want` bytes of the section (fewer at its end).
+    fn fill(&mut self, want: usize) -> Result<()> {
+        let want = (want as u64).min(self.left) as usize;
+        while self.buf.len() < want {
+            if read_more(self.file, self.chunk, self.buf)? {
+                return Err(Error::new(Code::InvalidModule, "truncated Wasm module"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Consumes `n` bytes of the section without keeping them.
+    fn skip(&mut self, n: u64) -> Result<()> {
+        if n > self.left {
+            return Err(Error::new(
+                Code::InvalidModule,
+                "invalid Wasm module: a data segment runs past its section",
+            ));
+        }
+        let in_buf = (self.buf.len() as u64).min(n);
+        self.buf.drain(..in_buf as usize);
+        let rest = n - in_buf;
+        let skipped = std::io::copy(&mut (&mut *self.file).take(rest), &mut std::io::sink())
+            .map_err(|e| Error::internal("reading module", e))?;
+        if skipped < rest {
+            return Err(Error::new(Code::InvalidModule, "truncated Wasm module"));
+        }
+        self.left -= n;
+        Ok(())
+    }
+
+    /// Consumes what is left of the section.
+    fn skip_rest(&mut self) -> Result<()> {
+        self.skip(self.left)
+    }
+
+    /// Consumes `n` buffered bytes, returning them.
+    fn take(&mut self, n: usize) -> Vec<u8> {
+        self.left -= n as u64;
+        self.buf.drain(..n).collect()
+    }
+
+    /// Streams a data section: its count and every segment's header are kept, with each
+    /// segment's length rewritten to 0 and its bytes skipped. The section body that results.
+    fn data_headers(&mut self) -> Result<Vec<u8>> {
+        let bad = |e: wasmparser::BinaryReaderError| {
+            Error::new(Code::InvalidModule, format!("invalid Wasm module: {e}"))
+        };
+        self.fill(5)?;
+        let (count, n) = read_leb_u32(self.buf).ok_or_else(|| {
+            Error::new(
+                Code::InvalidModule,
+                "invalid Wasm module: bad data segment count",
+            )
+        })?;
+        let mut body = self.take(n);
+        for _ in 0..count {
+            self.fill(MAX_SEGMENT_HEADER)?;
+            let (header_len, data_len) = {
+                let mut r = wasmparser::BinaryReader::new(self.buf, 0);
+                match r.read_var_u32().map_err(bad)? {
+                    0 => {
+                        r.read::<wasmparser::ConstExpr>().map_err(bad)?;
+                    }
+                    1 => {}
+                    2 => {
+                        r.read_var_u32().map_err(bad)?;
+                        r.read::<wasmparser::ConstExpr>().map_err(bad)?;
+                    }
+                    flags => {
+                        return Err(Error::new(
+                            Code::InvalidModule,
+                            format!("invalid Wasm module: data segment flags {flags}"),
+                        ));
+                    }
+                }
+                let header_len = r.current_position();
+                (header_len, r.read_var_u32().map_err(bad)?)
+            };
+            body.extend(self.take(header_len));
+            let (_, leb_len) = read_leb_u32(self.buf).ok_or_else(|| {
+                Error::new(Code::InvalidModule, "invalid Wasm module: bad data length")
+            })?;
+            self.take(leb_len);
+            body.push(0);
+            self.skip(u64::from(data_len))?;
+        }
+        if self.left != 0 {
+            return Err(Error::new(
+                Code::InvalidModule,
+                "invalid Wasm module: bytes after the last data segment",
+            ));
+        }
+        Ok(body)
+    }
+}
+
+/// Appends `v` as an unsigned LEB128.
+fn write_leb_u32(out: &mut Vec<u8>, mut v: u32) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
 /// Appends the next read of `file` to `buf` (through `chunk`); true at the end of the file.
 fn read_more(file: &mut File, chunk: &mut [u8], buf: &mut Vec<u8>) -> Result<bool> {
     let n = file
@@ -180,6 +335,63 @@ mod tests {
         m.extend([0x0a, (body.len() + 2) as u8, 0x01, body.len() as u8]);
         m.extend_from_slice(body);
         m
+    }
+
+    /// A module with one memory and a data section of `segments` (flags and memory index
+    /// already encoded, then the offset expression) with `data` each; with a data count
+    /// section when `count`.
+    fn module_with_data(segments: &[&[u8]], data: &[u8], count: bool) -> Vec<u8> {
+        let mut m = b"\0asm\x01\0\0\0".to_vec();
+        m.extend([0x05, 0x03, 0x01, 0x00, 0x01]);
+        if count {
+            m.extend([0x0c, 0x01, segments.len() as u8]);
+        }
+        let mut body = Vec::new();
+        write_leb_u32(&mut body, segments.len() as u32);
+        for seg in segments {
+            body.extend_from_slice(seg);
+            write_leb_u32(&mut body, data.len() as u32);
+            body.extend_from_slice(data);
+        }
+        m.push(DATA_SECTION);
+        write_leb_u32(&mut m, body.len() as u32);
+        m.extend(body);
+        m
+    }
+
+    /// Issue 9: data sections were read whole into memory during validation. Large ones are
+    /// now streamed: every segment header is validated, the bytes are skipped.
+    #[test]
+    fn issue_9_large_data_sections_are_streamed_and_their_headers_validated() {
+        let data = vec![0x5a; 3 << 20];
+        let active: &[u8] = &[0x00, 0x41, 0x00, 0x0b];
+        let passive: &[u8] = &[0x01];
+        let active_mem0: &[u8] = &[0x02, 0x00, 0x41, 0x10, 0x0b];
+        for count in [false, true] {
+            check(&module_with_data(
+                &[active, passive, active_mem0],
+                &data,
+                count,
+            ))
+            .unwrap();
+        }
+        // What a validator checks in a header still fails: no memory 3, a non-constant
+        // offset, unknown flags.
+        for bad in [
+            &[0x02, 0x03, 0x41, 0x00, 0x0b][..],
+            &[0x00, 0x6a, 0x0b][..],
+            &[0x07][..],
+        ] {
+            let e = check(&module_with_data(&[active, bad], &data, false)).unwrap_err();
+            assert_eq!(e.code, Code::InvalidModule, "{bad:?}");
+        }
+        let good = module_with_data(&[active], &data, false);
+        let e = check(&good[..good.len() - 10]).unwrap_err();
+        assert_eq!(e.code, Code::InvalidModule, "truncated");
+        // A data count that disagrees with the section.
+        let mut wrong_count = module_with_data(&[active, passive], &data, true);
+        wrong_count[15] = 3;
+        assert_eq!(check(&wrong_count).unwrap_err().code, Code::InvalidModule);
     }
 
     /// Issue 9: a custom section was read whole into memory during validation. Large ones
