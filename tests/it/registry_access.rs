@@ -425,3 +425,33 @@ async fn issue_9_blocking_work_stops_when_its_fetch_times_out() {
         || std::fs::read_dir(d.cache_dir.join("tmp")).unwrap().count() == 0,
     );
 }
+
+/// Issue 9, the hostile upstream: a small gzip'd tar whose GNU long-name header claims
+/// megabytes (a header bomb) is `too_large` under a 1 MiB cap, with nothing kept.
+#[tokio::test]
+async fn issue_9_a_tar_header_bomb_from_a_server_is_too_large() {
+    let name_len = 8 << 20;
+    let mut tar = Vec::new();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_size(name_len as u64);
+    h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+    h.set_cksum();
+    tar.extend_from_slice(h.as_bytes());
+    tar.extend(std::iter::repeat_n(b'a', name_len));
+    tar.extend(std::iter::repeat_n(0u8, 1024));
+    let bomb = gzip(&tar);
+    assert!(bomb.len() < 64 << 10, "the bomb is small: {}", bomb.len());
+    let srv = HttpServer::start(vec![("/bomb.tar.gz", Route::Bytes(bomb))]);
+    let d = Daemon::start(DaemonOpts {
+        top: "max_module_size = \"1MiB\"".into(),
+        ..Default::default()
+    });
+    let (status, code) = d.fetch_err(json!({"url": srv.url("/bomb.tar.gz")})).await;
+    assert_eq!((status, code.as_str()), (422, "too_large"));
+    assert_eq!(
+        std::fs::read_dir(d.cache_dir.join("tmp")).unwrap().count(),
+        0
+    );
+    assert_eq!(d.blob_count(), 0);
+}

@@ -345,15 +345,26 @@ impl OciFetcher {
                 .unwrap_or(60)
                 .clamp(1, MAX_TOKEN_LIFETIME.as_secs()),
         );
+        self.cache_token(&s.token_key, &token, lifetime);
+        Ok(token)
+    }
+
+    /// Caches `token` under `key` until a little before `lifetime` ends; expired tokens go
+    /// as new ones come, so the cache holds what is still usable.
+    pub(super) fn cache_token(&self, key: &str, token: &str, lifetime: Duration) {
         let now = Instant::now();
         let expires = now + lifetime.mul_f64(0.9);
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        // Expired tokens go as new ones come: the cache holds what is still usable.
         if tokens.len() >= TOKEN_PRUNE_AT {
             tokens.retain(|_, (_, exp)| *exp > now);
         }
-        tokens.insert(s.token_key.clone(), (token.clone(), expires));
-        Ok(token)
+        tokens.insert(key.to_string(), (token.to_string(), expires));
+    }
+
+    /// Tokens cached.
+    #[cfg(test)]
+    pub(super) fn cached_tokens(&self) -> usize {
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
@@ -426,6 +437,27 @@ pub fn parse_bearer(header: &str) -> Option<HashMap<String, String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 9: the Bearer token cache grew with every (registry, repository, credential)
+    /// seen. Expired tokens are dropped as new ones come.
+    #[test]
+    fn issue_9_expired_tokens_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse_raw("", std::path::Path::new("t.toml"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let store = crate::cache::store::Store::open(dir.path()).unwrap();
+        let guard = std::sync::Arc::new(crate::netguard::NetGuard::new(vec![], vec![]));
+        let client = crate::fetch::client::build_client(&config, &guard, false).unwrap();
+        let f = OciFetcher::new(client.clone(), client, guard, &config, store);
+        for i in 0..10_000 {
+            f.cache_token(&format!("reg|repo{i}|cred"), "t", Duration::ZERO);
+        }
+        assert!(f.cached_tokens() <= TOKEN_PRUNE_AT, "{}", f.cached_tokens());
+        f.cache_token("reg|live|cred", "t", Duration::from_secs(3600));
+        assert!(f.cached_tokens() <= TOKEN_PRUNE_AT);
+    }
 
     #[test]
     fn parses_bearer_challenges() {
