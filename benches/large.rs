@@ -21,30 +21,6 @@ fn peak_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A module with one memory and one passive data segment of `size` bytes.
-fn data_module(size: usize) -> Vec<u8> {
-    fn leb(out: &mut Vec<u8>, mut v: usize) {
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
-    }
-    let mut body = vec![0x01, 0x01];
-    leb(&mut body, size);
-    body.resize(body.len() + size, 0x5a);
-    let mut m = b"\0asm\x01\0\0\0".to_vec();
-    m.extend([0x05, 0x03, 0x01, 0x00, 0x01]);
-    m.push(0x0b);
-    leb(&mut m, body.len());
-    m.extend(body);
-    m
-}
-
 fn main() {
     let bin = Daemon::binary();
     println!("binary: {}", bin.display());
@@ -54,7 +30,11 @@ fn main() {
             wasm_cache::testkit::wasm_module("big", SIZE),
         )
         .unwrap();
-        std::fs::write(files.join("data.wasm"), data_module(SIZE)).unwrap();
+        std::fs::write(
+            files.join("data.wasm"),
+            wasm_cache::testkit::data_module(SIZE),
+        )
+        .unwrap();
     });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

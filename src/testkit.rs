@@ -15,6 +15,19 @@ pub fn wasm_module(name: &str, pad: usize) -> Vec<u8> {
     m
 }
 
+/// A valid core Wasm module with one memory and one passive data segment of `size` bytes.
+pub fn data_module(size: usize) -> Vec<u8> {
+    let mut body = vec![0x01, 0x01];
+    leb(&mut body, size);
+    body.resize(body.len() + size, 0x5a);
+    let mut m = b"\0asm\x01\0\0\0".to_vec();
+    m.extend([0x05, 0x03, 0x01, 0x00, 0x01]);
+    m.push(0x0b);
+    leb(&mut m, body.len());
+    m.extend(body);
+    m
+}
+
 /// Unsigned LEB128.
 fn leb(out: &mut Vec<u8>, mut n: usize) {
     loop {
@@ -38,6 +51,9 @@ mod tests {
         wasmparser::Validator::new().validate_all(&a).unwrap();
         wasmparser::Validator::new()
             .validate_all(&super::wasm_module("big", 200_000))
+            .unwrap();
+        wasmparser::Validator::new()
+            .validate_all(&super::data_module(100_000))
             .unwrap();
     }
 }
