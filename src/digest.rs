@@ -35,29 +35,40 @@ impl fmt::Debug for Digest {
     }
 }
 
+/// Why a digest does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DigestError {
+    /// Another algorithm than sha256.
+    #[error("unsupported digest algorithm {0:?}: only sha256 is supported")]
+    Algorithm(String),
+    /// Not 64 hex digits.
+    #[error("invalid sha256 {0:?}: expected 64 hex digits, optionally prefixed by 'sha256:'")]
+    Malformed(String),
+}
+
+impl From<DigestError> for Error {
+    fn from(e: DigestError) -> Error {
+        Error::invalid(e.to_string())
+    }
+}
+
 impl FromStr for Digest {
-    type Err = Error;
+    type Err = DigestError;
 
     /// Accepts 64 hex digits, optionally prefixed by `sha256:`, in any case.
-    fn from_str(s: &str) -> Result<Self, Error> {
+    fn from_str(s: &str) -> Result<Self, DigestError> {
         let trimmed = s.trim();
         let hexpart = match trimmed.split_once(':') {
             Some((algo, rest)) if algo.eq_ignore_ascii_case("sha256") => rest,
-            Some((algo, _)) => {
-                return Err(Error::invalid(format!(
-                    "unsupported digest algorithm {algo:?}: only sha256 is supported"
-                )));
-            }
+            Some((algo, _)) => return Err(DigestError::Algorithm(algo.to_string())),
             None => trimmed,
         };
-        if hexpart.len() != 64 || !hexpart.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Error::invalid(format!(
-                "invalid sha256 {s:?}: expected 64 hex digits, optionally prefixed by 'sha256:'"
-            )));
-        }
         let mut out = [0u8; 32];
-        hex::decode_to_slice(hexpart.to_ascii_lowercase(), &mut out)
-            .map_err(|e| Error::invalid(format!("invalid sha256 {s:?}: {e}")))?;
+        if hexpart.len() != 64
+            || hex::decode_to_slice(hexpart.to_ascii_lowercase(), &mut out).is_err()
+        {
+            return Err(DigestError::Malformed(s.to_string()));
+        }
         Ok(Digest(out))
     }
 }
@@ -143,7 +154,11 @@ mod tests {
             &format!("{HEX}0"),
         ] {
             let err = bad.parse::<Digest>().unwrap_err();
-            assert_eq!(err.code, crate::error::Code::InvalidRequest, "{bad}");
+            assert_eq!(
+                Error::from(err).code,
+                crate::error::Code::InvalidRequest,
+                "{bad}"
+            );
         }
     }
 

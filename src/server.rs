@@ -134,7 +134,7 @@ async fn module(
     Path(digest): Path<String>,
     Query(q): Query<ModuleQuery>,
 ) -> Result<Response, ApiError> {
-    let d: Digest = digest.parse()?;
+    let d: Digest = digest.parse().map_err(Error::from)?;
     let m = service
         .open_module(&d, q.cred.as_deref(), q.token.as_deref())
         .await?;

@@ -9,7 +9,59 @@ use std::path::PathBuf;
 use reqwest::Url;
 
 use crate::digest::Digest;
-use crate::error::{Code, Error, Result};
+use crate::error::{Code, Error};
+
+/// Why a url or reference does not parse. Mapped to a wire code in one place (below).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Nothing was given.
+    #[error("url is empty")]
+    Empty,
+    /// An http(s) url that does not parse (shown redacted).
+    #[error("invalid url {url}: {source}")]
+    Url {
+        /// The url, its secrets hidden.
+        url: String,
+        /// What the parser said.
+        #[source]
+        source: url::ParseError,
+    },
+    /// An http(s) url without a host (shown redacted).
+    #[error("url {0} has no host")]
+    NoHost(String),
+    /// A file url that is not an absolute path.
+    #[error("invalid file url {url:?}: {why}")]
+    FileUrl {
+        /// The url.
+        url: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A scheme other than oci, http, https and file.
+    #[error("unsupported url scheme {0:?}: expected oci, http, https or file")]
+    Scheme(String),
+    /// An OCI reference outside the grammar.
+    #[error("invalid OCI reference {reference:?}: {why}")]
+    Reference {
+        /// The reference.
+        reference: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+impl From<SourceError> for Error {
+    fn from(e: SourceError) -> Error {
+        let code = match e {
+            SourceError::Scheme(_) => Code::UnsupportedScheme,
+            _ => Code::InvalidRequest,
+        };
+        Error::new(code, e.to_string())
+    }
+}
+
+/// The result of parsing a url or reference.
+type Result<T, E = SourceError> = std::result::Result<T, E>;
 
 /// Docker Hub's name in references, after normalisation.
 pub const DOCKER_HUB: &str = "docker.io";
@@ -98,7 +150,7 @@ impl Source {
     pub fn parse(url: &str) -> Result<Source> {
         let url = url.trim();
         if url.is_empty() {
-            return Err(Error::invalid("url is empty"));
+            return Err(SourceError::Empty);
         }
         let Some((scheme, rest)) = url.split_once("://") else {
             return OciRef::parse(url).map(Source::Oci);
@@ -106,20 +158,23 @@ impl Source {
         match scheme.to_ascii_lowercase().as_str() {
             "oci" => OciRef::parse(rest).map(Source::Oci),
             "http" | "https" => {
-                let parsed = Url::parse(url)
-                    .map_err(|e| Error::invalid(format!("invalid url {}: {e}", redact(url))))?;
+                let parsed = Url::parse(url).map_err(|e| SourceError::Url {
+                    url: redact(url),
+                    source: e,
+                })?;
                 if parsed.host_str().is_none_or(str::is_empty) {
-                    return Err(Error::invalid(format!("url {} has no host", redact(url))));
+                    return Err(SourceError::NoHost(redact(url)));
                 }
                 Ok(Source::Http(parsed))
             }
             "file" => {
-                let parsed = Url::parse(url)
-                    .map_err(|e| Error::invalid(format!("invalid file url {url:?}: {e}")))?;
-                let path = parsed.to_file_path().map_err(|()| {
-                    Error::invalid(format!(
-                        "invalid file url {url:?}: expected file:///absolute/path"
-                    ))
+                let parsed = Url::parse(url).map_err(|e| SourceError::FileUrl {
+                    url: url.to_string(),
+                    why: e.to_string(),
+                })?;
+                let path = parsed.to_file_path().map_err(|()| SourceError::FileUrl {
+                    url: url.to_string(),
+                    why: "expected file:///absolute/path".to_string(),
                 })?;
                 if path
                     .as_os_str()
@@ -127,16 +182,14 @@ impl Source {
                     .iter()
                     .any(|b| b.is_ascii_control())
                 {
-                    return Err(Error::invalid(format!(
-                        "invalid file url {url:?}: control characters in the path"
-                    )));
+                    return Err(SourceError::FileUrl {
+                        url: url.to_string(),
+                        why: "control characters in the path".to_string(),
+                    });
                 }
                 Ok(Source::File(path))
             }
-            other => Err(Error::new(
-                Code::UnsupportedScheme,
-                format!("unsupported url scheme {other:?}: expected oci, http, https or file"),
-            )),
+            other => Err(SourceError::Scheme(other.to_string())),
         }
     }
 
@@ -236,10 +289,13 @@ pub fn redact_for_error(url: &str) -> String {
 impl OciRef {
     /// Parses `host[:port]/path[:tag][@sha256:hex]` the way Kubernetes parses image names.
     pub fn parse(reference: &str) -> Result<OciRef> {
-        let bad = |why: &str| Error::invalid(format!("invalid OCI reference {reference:?}: {why}"));
+        let bad = |why: &str| SourceError::Reference {
+            reference: reference.to_string(),
+            why: why.to_string(),
+        };
         let (name, digest) = match reference.split_once('@') {
             Some((n, d)) => {
-                let digest = d.parse::<Digest>().map_err(|e| bad(&e.message))?;
+                let digest = d.parse::<Digest>().map_err(|e| bad(&e.to_string()))?;
                 if !d.to_ascii_lowercase().starts_with("sha256:") {
                     return Err(bad("a digest must be written as @sha256:<hex>"));
                 }
@@ -400,7 +456,7 @@ mod tests {
             "oci://[nope]:5000/r:1",
         ] {
             let e = Source::parse(bad).unwrap_err();
-            assert_eq!(e.code, crate::error::Code::InvalidRequest, "{bad}");
+            assert_eq!(Error::from(e).code, Code::InvalidRequest, "{bad}");
         }
         for good in [
             "oci://reg.example.com/r:1",
@@ -470,7 +526,7 @@ mod tests {
             Source::File("/opt/filters/a.wasm".into())
         );
         let err = Source::parse("ftp://h/x.wasm").unwrap_err();
-        assert_eq!(err.code, Code::UnsupportedScheme);
+        assert_eq!(Error::from(err).code, Code::UnsupportedScheme);
     }
 
     #[test]
@@ -485,7 +541,7 @@ mod tests {
             "host:5000//x",
         ] {
             let err = Source::parse(bad).unwrap_err();
-            assert_eq!(err.code, Code::InvalidRequest, "{bad:?}");
+            assert_eq!(Error::from(err).code, Code::InvalidRequest, "{bad:?}");
         }
     }
 

@@ -230,7 +230,7 @@ pub(super) fn parse_digest(s: &str, what: &str) -> Result<Digest> {
             format!("{what} {shown:?} is not sha256:<64 lowercase hex digits>"),
         ));
     }
-    s.parse()
+    s.parse().map_err(Error::from)
 }
 
 #[cfg(test)]
