@@ -115,18 +115,7 @@ async fn misses(client: &reqwest::Client, files: &Path, range: std::ops::Range<u
             tokio::spawn(async move {
                 for i in chunk {
                     let url = format!("file://{}", files.join(format!("{i}.wasm")).display());
-                    let body = wasm_cache::api::FetchBody {
-                        url,
-                        ..Default::default()
-                    };
-                    let r = c
-                        .post("http://localhost/v1/fetch")
-                        .json(&body)
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
-                    let a: wasm_cache::api::FetchResponse = r.json().await.unwrap();
+                    let a = common::fetch(&c, url).await;
                     assert_eq!(a.cache, wasm_cache::api::CacheStatus::Miss);
                 }
             })

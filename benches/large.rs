@@ -47,20 +47,7 @@ fn main() {
     ] {
         let before = peak_kib(daemon.pid());
         let t = std::time::Instant::now();
-        rt.block_on(async {
-            let body = wasm_cache::api::FetchBody {
-                url: daemon.file_url(name),
-                ..Default::default()
-            };
-            let r = daemon
-                .client
-                .post("http://localhost/v1/fetch")
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
-        });
+        rt.block_on(common::fetch(&daemon.client, daemon.file_url(name)));
         let after = peak_kib(daemon.pid());
         let rise = after.saturating_sub(before);
         worst = worst.max(rise);

@@ -98,3 +98,19 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// `POST /v1/fetch` of `url`; panics unless the daemon answers 200.
+pub async fn fetch(client: &reqwest::Client, url: String) -> wasm_cache::api::FetchResponse {
+    let body = wasm_cache::api::FetchBody {
+        url,
+        ..Default::default()
+    };
+    let r = client
+        .post("http://localhost/v1/fetch")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    r.json().await.unwrap()
+}

@@ -28,6 +28,8 @@ use crate::error::{Error, Result};
 const DB_FILE: &str = "index.redb";
 /// The single-file index of versions before the database, migrated on first start.
 const LEGACY_FILE: &str = "index.json";
+/// Largest `index.json` read for migration (it is read whole).
+const MAX_LEGACY_FILE: u64 = 512 << 20;
 
 /// Location -> JSON [`Record`].
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
@@ -121,6 +123,67 @@ struct State {
     used: BTreeMap<Digest, u64>,
     /// Modules whose use time changed since it was last written.
     used_dirty: BTreeSet<Digest>,
+    /// Locations by module digest: a hit or a module GET looks up only its module's records.
+    by_module: BTreeMap<Digest, BTreeSet<String>>,
+    /// Locations by source key: a digest lookup looks only at its source's records.
+    by_source: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl State {
+    /// Inserts or replaces the record of its location, keeping the lookups in step.
+    fn put(&mut self, r: Record) {
+        let loc = r.location.clone();
+        self.take(&loc);
+        self.by_module
+            .entry(r.module)
+            .or_default()
+            .insert(loc.clone());
+        self.by_source
+            .entry(r.source.clone())
+            .or_default()
+            .insert(loc.clone());
+        self.records.insert(loc, r);
+    }
+
+    /// Removes the record of `loc`, keeping the lookups in step.
+    fn take(&mut self, loc: &str) -> Option<Record> {
+        let old = self.records.remove(loc)?;
+        unlink(&mut self.by_module, &old.module, loc);
+        unlink(&mut self.by_source, &old.source, loc);
+        Some(old)
+    }
+
+    /// The records that serve `module`.
+    fn of_module(&self, module: &Digest) -> impl Iterator<Item = &Record> {
+        self.by_module
+            .get(module)
+            .into_iter()
+            .flatten()
+            .filter_map(|loc| self.records.get(loc))
+    }
+
+    /// The records that come from `source`.
+    fn of_source(&self, source: &str) -> impl Iterator<Item = &Record> {
+        self.by_source
+            .get(source)
+            .into_iter()
+            .flatten()
+            .filter_map(|loc| self.records.get(loc))
+    }
+}
+
+/// Removes `loc` from the set under `key`, and the set once empty.
+fn unlink<K: Ord + std::borrow::Borrow<Q>, Q: Ord + ?Sized>(
+    map: &mut BTreeMap<K, BTreeSet<String>>,
+    key: &Q,
+    loc: &str,
+) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(loc);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
 }
 
 /// How a module may be read, from every record that serves it.
@@ -171,6 +234,24 @@ fn db_err(e: impl Into<redb::Error>) -> Error {
         redb::Error::Io(io) => Error::io("cache index database", io),
         e => Error::internal("cache index database", e),
     }
+}
+
+/// Writes `value` as JSON under `key`, or removes the key when there is none.
+fn put_json<T: Serialize>(
+    table: &mut redb::Table<&str, &[u8]>,
+    key: &str,
+    value: Option<&T>,
+) -> Result<()> {
+    match value {
+        Some(v) => {
+            let json = serde_json::to_vec(v).map_err(|e| Error::internal("encoding", e))?;
+            table.insert(key, json.as_slice()).map_err(db_err)?;
+        }
+        None => {
+            table.remove(key).map_err(db_err)?;
+        }
+    }
+    Ok(())
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &str, key: &str, bytes: &[u8]) -> Result<T> {
@@ -263,17 +344,26 @@ impl Index {
 
     /// Imports `index.json` (earlier versions) in one transaction, then renames it.
     fn migrate_legacy(&self, store: &Store) -> Result<()> {
+        let Some(len) = store.meta_len(LEGACY_FILE)? else {
+            return Ok(());
+        };
+        // Kept aside under the damaged prefix when it cannot be read: the blobs it described
+        // are then kept too (see `drop_missing`), never swept as orphans.
+        let keep_aside = |why: &str| -> Result<()> {
+            let aside = format!("{DAMAGED_PREFIX}{}.{LEGACY_FILE}", now_millis());
+            store.rename_meta(LEGACY_FILE, &aside)?;
+            tracing::error!(kept_as = %aside, "index.json from an earlier version {why}; not migrated, every blob kept");
+            Ok(())
+        };
+        if len > MAX_LEGACY_FILE {
+            return keep_aside("is larger than 512 MiB");
+        }
         let Some(bytes) = store.read_meta(LEGACY_FILE)? else {
             return Ok(());
         };
         let file: LegacyFile = match serde_json::from_slice(&bytes) {
             Ok(f) => f,
-            Err(e) => {
-                // Kept for an operator to look at; the blobs it described are kept too,
-                // since nothing points at them until a record does.
-                tracing::error!(error = %e, "index.json from an earlier version is unreadable; not migrated");
-                return Ok(());
-            }
+            Err(e) => return keep_aside(&format!("is unreadable ({e})")),
         };
         let tx = self.db.begin_write().map_err(db_err)?;
         {
@@ -282,10 +372,7 @@ impl Index {
                 // index.json kept seconds; the database keeps milliseconds.
                 r.fetched_at = r.fetched_at.saturating_mul(1000);
                 r.resolved_at = r.resolved_at.saturating_mul(1000);
-                let json = serde_json::to_vec(&r).map_err(|e| Error::internal("encoding", e))?;
-                records
-                    .insert(r.location.as_str(), json.as_slice())
-                    .map_err(db_err)?;
+                put_json(&mut records, &r.location, Some(&r))?;
             }
             let mut access = tx.open_table(ACCESS).map_err(db_err)?;
             for (k, old) in &file.access {
@@ -294,8 +381,7 @@ impl Index {
                     public_at: old.public.then(now_millis),
                     verified: old.verified.clone(),
                 };
-                let json = serde_json::to_vec(&a).map_err(|e| Error::internal("encoding", e))?;
-                access.insert(k.as_str(), json.as_slice()).map_err(db_err)?;
+                put_json(&mut access, k, Some(&a))?;
             }
             let mut used = tx.open_table(USED).map_err(db_err)?;
             for (d, at) in &file.used {
@@ -322,7 +408,7 @@ impl Index {
         {
             let (k, v) = row.map_err(db_err)?;
             let r: Record = decode("record", k.value(), v.value())?;
-            st.records.insert(k.value().to_string(), r);
+            st.put(r);
         }
         for row in tx
             .open_table(ACCESS)
@@ -408,32 +494,10 @@ impl Index {
             let mut used = tx.open_table(USED).map_err(db_err)?;
             let mut st = self.lock();
             for loc in &rows.records {
-                match st.records.get(loc) {
-                    Some(r) => {
-                        let json =
-                            serde_json::to_vec(r).map_err(|e| Error::internal("encoding", e))?;
-                        records
-                            .insert(loc.as_str(), json.as_slice())
-                            .map_err(db_err)?;
-                    }
-                    None => {
-                        records.remove(loc.as_str()).map_err(db_err)?;
-                    }
-                }
+                put_json(&mut records, loc, st.records.get(loc))?;
             }
             for src in &rows.access {
-                match st.access.get(src) {
-                    Some(a) => {
-                        let json =
-                            serde_json::to_vec(a).map_err(|e| Error::internal("encoding", e))?;
-                        access
-                            .insert(src.as_str(), json.as_slice())
-                            .map_err(db_err)?;
-                    }
-                    None => {
-                        access.remove(src.as_str()).map_err(db_err)?;
-                    }
-                }
+                put_json(&mut access, src, st.access.get(src))?;
             }
             let dirty = std::mem::take(&mut st.used_dirty);
             for d in dirty {
@@ -479,10 +543,10 @@ impl Index {
             match &next {
                 Some(r) => {
                     debug_assert_eq!(r.location, location);
-                    st.records.insert(location.to_string(), r.clone());
+                    st.put(r.clone());
                 }
                 None => {
-                    st.records.remove(location);
+                    st.take(location);
                 }
             }
             next
@@ -546,7 +610,7 @@ impl Index {
     pub fn module_access(&self, module: &Digest) -> Option<ModuleAccess> {
         let st = self.lock();
         let mut found: Option<ModuleAccess> = None;
-        for r in st.records.values().filter(|r| r.module == *module) {
+        for r in st.of_module(module) {
             let m = found.get_or_insert(ModuleAccess {
                 open: false,
                 public_at: None,
@@ -570,9 +634,7 @@ impl Index {
     /// The newest time credential `id` was accepted for a source holding `module`.
     pub fn credential_verified_for_module(&self, module: &Digest, id: &str) -> Option<u64> {
         let st = self.lock();
-        st.records
-            .values()
-            .filter(|r| r.module == *module)
+        st.of_module(module)
             .filter_map(|r| st.access.get(&r.source)?.verified.get(id).copied())
             .max()
     }
@@ -635,19 +697,20 @@ impl Index {
         let mut st = self.lock();
         let mut rows = Rows::default();
         let mut sources = BTreeSet::new();
-        st.records.retain(|loc, r| {
-            if digests.contains(&r.module) {
-                rows.records.push(loc.clone());
-                sources.insert(r.source.clone());
-                false
-            } else {
-                true
+        for d in digests {
+            let locations: Vec<String> =
+                st.by_module.get(d).into_iter().flatten().cloned().collect();
+            for loc in locations {
+                if let Some(r) = st.take(&loc) {
+                    sources.insert(r.source);
+                    rows.records.push(loc);
+                }
             }
-        });
+        }
         // What a purge removes takes its access records along, unless another module of
         // the same source is still cached.
         for src in sources {
-            if !st.records.values().any(|r| r.source == src) && st.access.remove(&src).is_some() {
+            if !st.by_source.contains_key(&src) && st.access.remove(&src).is_some() {
                 rows.access.push(src);
             }
         }
@@ -693,19 +756,15 @@ impl Index {
     /// A record of `source` whose module, manifest or index digest is every one of `digests`.
     pub fn find_by_digests(&self, source: &str, digests: &[Digest]) -> Option<Record> {
         self.lock()
-            .records
-            .values()
-            .find(|r| r.source == source && digests.iter().all(|d| r.answers_to(d)))
+            .of_source(source)
+            .find(|r| digests.iter().all(|d| r.answers_to(d)))
             .cloned()
     }
 
     /// True when `source` already produced the module `module` (so its bytes may be reused
     /// for that source without downloading them again).
     pub fn source_has_module(&self, source: &str, module: &Digest) -> bool {
-        self.lock()
-            .records
-            .values()
-            .any(|r| r.source == source && r.module == *module)
+        self.lock().of_source(source).any(|r| r.module == *module)
     }
 
     /// Number of records.
@@ -817,6 +876,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn lookups_by_module_and_source_follow_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let index = Index::open(&store).unwrap();
+        let (a, b) = (blob(&store, b"a"), blob(&store, b"b"));
+        put(&index, record("oci://r/x:1", a)).await;
+        assert!(index.module_access(&a).is_some());
+        assert!(index.source_has_module("oci://r/x", &a));
+        // The tag moves to another module: the old one is no longer served by it.
+        put(&index, record("oci://r/x:1", b)).await;
+        assert!(index.module_access(&a).is_none());
+        assert!(!index.source_has_module("oci://r/x", &a));
+        assert!(index.find_by_digests("oci://r/x", &[b]).is_some());
+        index.remove_modules(&[b]).await.unwrap();
+        assert!(index.module_access(&b).is_none());
+        assert!(index.find_by_digests("oci://r/x", &[b]).is_none());
+        drop(index);
+        let reopened = Index::open(&store).unwrap();
+        assert!(reopened.is_empty());
+    }
+
+    #[tokio::test]
     async fn concurrent_updates_of_one_record_compose() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
@@ -874,6 +955,24 @@ mod tests {
         std::fs::remove_file(aside).unwrap();
         Index::open(&store).unwrap();
         assert!(!store.has(&d));
+    }
+
+    /// Issue 9: an `index.json` cut short made the daemon start empty and delete every blob.
+    #[tokio::test]
+    async fn issue_9_a_cut_short_index_json_is_kept_aside_and_costs_no_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = blob(&store, b"module");
+        std::fs::File::create(dir.path().join(LEGACY_FILE))
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, b"{\"version\":1,\"records\":[{\"loc")
+            })
+            .unwrap();
+        let index = Index::open(&store).unwrap();
+        assert!(index.is_empty());
+        assert!(store.has(&d), "the blob is kept");
+        assert!(!dir.path().join(LEGACY_FILE).exists());
+        assert!(store.has_meta_prefixed(DAMAGED_PREFIX).unwrap());
     }
 
     #[tokio::test]

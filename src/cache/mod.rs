@@ -228,8 +228,16 @@ impl Cache {
 
 impl crate::fetch::KnownBlobs for Cache {
     /// The index says so, or (after a damaged index) the list kept beside the blob does.
-    fn source_has(&self, source: &str, d: &Digest) -> bool {
-        self.index.source_has_module(source, d) || self.store.listed_source(d, source)
+    fn source_has<'a>(
+        &'a self,
+        source: &'a str,
+        d: &'a Digest,
+    ) -> futures_util::future::BoxFuture<'a, bool> {
+        use futures_util::FutureExt;
+        async move {
+            self.index.source_has_module(source, d) || self.store.listed_source(d, source).await
+        }
+        .boxed()
     }
 }
 

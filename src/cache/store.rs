@@ -204,9 +204,18 @@ impl Store {
         Ok(())
     }
 
-    /// True when `source` is listed beside the blob `digest`. Blocking (a small read).
-    pub fn listed_source(&self, digest: &Digest, source: &str) -> bool {
-        fs::read_to_string(self.sources_path(digest)).is_ok_and(|t| t.lines().any(|l| l == source))
+    /// True when `source` is listed beside the blob `digest` (read off the async workers'
+    /// threads, at most 64 KiB of it).
+    pub async fn listed_source(&self, digest: &Digest, source: &str) -> bool {
+        use tokio::io::AsyncReadExt;
+        let Ok(f) = tokio::fs::File::open(self.sources_path(digest)).await else {
+            return false;
+        };
+        let mut text = String::new();
+        if f.take(64 << 10).read_to_string(&mut text).await.is_err() {
+            return false;
+        }
+        text.lines().any(|l| l == source)
     }
 
     /// Removes the blob for `digest`, if present. Open readers keep their bytes.
@@ -253,6 +262,16 @@ impl Store {
             }
         }
         Ok(false)
+    }
+
+    /// The size of the metadata file `name`, `None` when absent. Blocking.
+    pub fn meta_len(&self, name: &str) -> Result<Option<u64>> {
+        let p = self.root.join(name);
+        match fs::metadata(&p) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("reading", &p, e)),
+        }
     }
 
     /// Reads the metadata file `name`, `None` when absent.

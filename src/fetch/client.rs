@@ -245,6 +245,19 @@ impl Body {
     }
 }
 
+/// Streams a response body into `w` (hashed and size-capped there), at the minimum rate.
+pub async fn download(
+    resp: Response,
+    settings: &FetchSettings,
+    w: &mut crate::cache::store::BlobWriter,
+) -> std::result::Result<(), Attempt> {
+    let mut body = Body::new(resp, settings);
+    while let Some(chunk) = body.next().await {
+        w.write(&chunk?).await?;
+    }
+    Ok(())
+}
+
 /// Reads a response body of at most `max` bytes into memory; a longer one (declared or
 /// streamed) is an `upstream_error` naming `what`, and nothing past `max` is buffered.
 pub async fn read_capped(

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use reqwest::{Client, Url};
 
-use super::client::{Attempt, Body, response_error, send, with_retries};
+use super::client::{download, response_error, send, with_retries};
 use super::{Fetched, plain_module};
-use crate::cache::store::{BlobWriter, Store};
+use crate::cache::store::Store;
 use crate::config::{Config, FetchSettings};
 use crate::error::{Error, Result};
 use crate::netguard::NetGuard;
@@ -80,17 +80,4 @@ impl HttpFetcher {
         f.etag = new_tag;
         Ok(Some(f))
     }
-}
-
-/// Streams a response body into `w`.
-pub async fn download(
-    resp: reqwest::Response,
-    settings: &FetchSettings,
-    w: &mut BlobWriter,
-) -> std::result::Result<(), Attempt> {
-    let mut body = Body::new(resp, settings);
-    while let Some(chunk) = body.next().await {
-        w.write(&chunk?).await?;
-    }
-    Ok(())
 }

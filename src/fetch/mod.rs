@@ -153,7 +153,7 @@ impl Upstream for Fetchers {
 /// same source has served before.
 pub trait KnownBlobs: Send + Sync {
     /// True when `source` already produced a module with digest `d`.
-    fn source_has(&self, source: &str, d: &Digest) -> bool;
+    fn source_has<'a>(&'a self, source: &'a str, d: &'a Digest) -> BoxFuture<'a, bool>;
 }
 
 impl Fetchers {

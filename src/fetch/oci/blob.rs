@@ -8,7 +8,7 @@ use super::manifest::Descriptor;
 use super::session::Session;
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
-use crate::fetch::client::{Attempt, Body};
+use crate::fetch::client::{Attempt, download};
 
 impl OciFetcher {
     /// A copy of a blob this same source served before, as a new temp file (no download),
@@ -96,10 +96,7 @@ impl OciFetcher {
         what: &str,
     ) -> std::result::Result<(tempfile::NamedTempFile, Digest, u64), Attempt> {
         let mut w = self.store.writer(self.max_size, what)?;
-        let mut body = Body::new(resp, &self.settings);
-        while let Some(chunk) = body.next().await {
-            w.write(&chunk?).await?;
-        }
+        download(resp, &self.settings, &mut w).await?;
         Ok(w.finish().await?)
     }
 }

@@ -216,7 +216,7 @@ impl OciFetcher {
             if layer.size > self.max_size {
                 return Err(too_large(layer.size, self.max_size));
             }
-            if known.source_has(source, &digest)
+            if known.source_has(source, &digest).await
                 && let Some(copy) = self.copy_stored(&digest).await?
             {
                 // Same source served these exact bytes before: copy, no download.
