@@ -6,7 +6,10 @@
 //! alternating (so both see the same machine), with `CLIENTS` concurrent clients, and reports
 //! the median misses/s of each and their ratio. A miss reads a file, validates it, writes the
 //! blob and records it in the index; the goal is that its cost does not grow with the number
-//! of entries (misses/s at 10,000 within 1.5x of misses/s at 100).
+//! of entries (misses/s at 10,000 within 1.5x of misses/s at 100). Then it restarts the
+//! daemon of the large cache a few times and reports the time from the process start to a
+//! socket that answers `/healthz` (goal: under 100 ms) and that of the first hit after it
+//! (goal: under 5 ms).
 // A benchmark harness: writes its own fixture files and talks to the daemon's socket.
 #![allow(clippy::disallowed_methods)]
 
@@ -25,6 +28,8 @@ const BATCH: usize = 100;
 const ROUNDS: usize = 7;
 /// Concurrent clients.
 const CLIENTS: usize = 4;
+/// Restarts of the large cache's daemon.
+const RESTARTS: usize = 5;
 
 /// One daemon with its own cache and module files.
 struct Bench {
@@ -55,11 +60,6 @@ impl Bench {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     let bin = Daemon::binary();
     println!("binary: {}", bin.display());
@@ -82,7 +82,7 @@ fn main() {
                 rates[i].push(b.misses(BATCH).await);
             }
         }
-        let medians: Vec<f64> = rates.iter().map(|r| median(r.clone())).collect();
+        let medians: Vec<f64> = rates.iter().map(|r| common::median(r.clone())).collect();
         for (i, size) in SIZES.iter().enumerate() {
             let shown: Vec<String> = rates[i].iter().map(|r| format!("{r:.0}")).collect();
             println!(
@@ -96,6 +96,23 @@ fn main() {
             SIZES[1],
             SIZES[0],
             medians[1] / medians[0]
+        );
+        // Restarts on the large cache: time to a socket that answers, then the first hit.
+        let b = benches.last_mut().unwrap();
+        let url = format!("file://{}", b.daemon.files.join("0.wasm").display());
+        let (mut ups, mut firsts) = (Vec::new(), Vec::new());
+        for _ in 0..RESTARTS {
+            ups.push(b.daemon.restart().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            let a = common::fetch(&b.daemon.client, url.clone()).await;
+            firsts.push(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(a.cache, wasm_cache::api::CacheStatus::Hit);
+        }
+        let entries = SIZES[1] + BATCH * ROUNDS;
+        println!(
+            "start with {entries} entries: median {:.1} ms to /healthz, first hit {:.2} ms ({RESTARTS} restarts)",
+            common::median(ups),
+            common::median(firsts)
         );
     });
 }

@@ -7,19 +7,10 @@
 
 mod common;
 
-use common::Daemon;
+use common::{Daemon, peak_kib};
 
 /// Module size.
 const SIZE: usize = 200 << 20;
-
-fn peak_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
 
 fn main() {
     let bin = Daemon::binary();

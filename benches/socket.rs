@@ -1,156 +1,466 @@
+//! `cargo bench --bench socket` (or `benches/run.sh`, which installs the peers first): the
+//! daemon's serving path side by side with nginx and skopeo, in one run, alternating.
+//!
+//! - `GET /v1/modules/...` of a 41 B, a 10 MiB and a 100 MiB module, 32 concurrent clients
+//!   (oha over the unix socket), against nginx (one worker, `sendfile on`) serving the very
+//!   same blob files from a unix socket: req/s, MiB/s, p99 and their ratios;
+//! - `POST /v1/fetch` answered from the cache, against nginx's 41 B file;
+//! - the daemon's peak RSS (`VmHWM`, reset before each phase) while serving 100 MiB to 32
+//!   clients, and during a herd of 200 concurrent fetches of one uncached 10 MiB module
+//!   (which must cause one upstream blob GET);
+//! - cold pulls of a 10 MiB and a 100 MiB module from a local `docker-registry`, against
+//!   `skopeo copy` of the same image into an OCI layout.
+//!
+//! Medians over `ROUNDS` alternating rounds; ratios are what count (absolute numbers move by
+//! a third between runs on a shared 2-core machine). Needs `oha`, `nginx`, `skopeo` and
+//! `docker-registry` on the PATH (or `OHA`, `NGINX`, `SKOPEO`, `REGISTRY` naming them).
+// A benchmark harness: writes fixture files, starts peers and talks to them.
 #![allow(clippy::disallowed_methods)]
-//! Throughput and latency of the daemon over its unix socket, and its memory.
-//!
-//! `cargo bench --bench socket` starts a release `wasm-cache serve` in a temp dir and
-//! measures, with 200 concurrent clients (a node full of proxies):
-//! - a cold start: 200 identical requests for one uncached module (must cause one fetch);
-//! - cache hits: `POST /v1/fetch` answered from the cache (requests/s, p50/p99 latency);
-//! - module downloads: `GET /v1/modules/...` of a 1 MiB module (MiB/s);
-//! - the daemon's peak resident memory (VmHWM).
-//!
-//! Goals (checked here, not in the test suite): one upstream fetch for the cold burst, and
-//! hits at p99 under 20 ms with 200 clients on a 2-core machine.
 
 mod common;
 
-use common::Daemon;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const CLIENTS: usize = 200;
-const HITS_PER_CLIENT: usize = 100;
-const GETS_PER_CLIENT: usize = 5;
+use common::{Daemon, median, peak_kib, reset_peak};
 
-fn module(size: usize) -> Vec<u8> {
-    wasm_cache::testkit::wasm_module("b", size)
+/// Concurrent clients of the serving comparisons.
+const CLIENTS: usize = 32;
+/// Alternating rounds per comparison.
+const ROUNDS: usize = 3;
+/// Length of one load run.
+const RUN: &str = "2s";
+/// Concurrent fetches in the herd.
+const HERD: usize = 200;
+
+fn tool(env: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    for dir in [PathBuf::from("/usr/sbin"), home.join(".cargo/bin")] {
+        if dir.join(name).is_file() {
+            return dir.join(name);
+        }
+    }
+    PathBuf::from(name)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p) as usize]
+/// What one oha run measured.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    /// Requests per second.
+    rps: f64,
+    /// Body bytes per second.
+    bytes_per_s: f64,
+    /// 99th percentile latency, seconds.
+    p99: f64,
+}
+
+/// One load run of `clients` clients against `path` on `socket`; `body` makes it a JSON POST.
+fn oha(socket: &Path, path: &str, clients: usize, body: Option<&str>) -> Load {
+    let mut cmd = Command::new(tool("OHA", "oha"));
+    cmd.args(["--no-tui", "--output-format", "json", "-z", RUN, "-c"])
+        .arg(clients.to_string())
+        .arg("--unix-socket")
+        .arg(socket);
+    if let Some(b) = body {
+        cmd.args(["-m", "POST", "-T", "application/json", "-d", b]);
+    }
+    cmd.arg(format!("http://localhost{path}"));
+    let out = cmd.stderr(Stdio::inherit()).output().expect("running oha");
+    assert!(out.status.success(), "oha failed");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oha's JSON");
+    let codes = &v["statusCodeDistribution"];
+    let ok = codes["200"].as_u64().unwrap_or(0);
+    let all: u64 = codes
+        .as_object()
+        .map(|o| o.values().filter_map(|c| c.as_u64()).sum())
+        .unwrap_or(0);
+    assert!(ok > 0 && ok == all, "{path}: status codes {codes}");
+    Load {
+        rps: v["summary"]["requestsPerSec"].as_f64().unwrap(),
+        bytes_per_s: v["summary"]["sizePerSec"].as_f64().unwrap_or(0.0),
+        p99: v["latencyPercentiles"]["p99"].as_f64().unwrap(),
+    }
+}
+
+/// nginx with one worker serving `root` on a unix socket; stopped on drop.
+struct Nginx {
+    /// Its prefix (config, pid, temp dirs).
+    _dir: tempfile::TempDir,
+    /// Its socket.
+    socket: PathBuf,
+    /// The master process.
+    child: Child,
+}
+
+impl Nginx {
+    fn start(root: &Path) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nginx.sock");
+        let user = if std::env::var("USER").as_deref() == Ok("root") || is_root() {
+            "user root;"
+        } else {
+            ""
+        };
+        let conf = format!(
+            "{user}
+worker_processes 1;
+daemon off;
+pid {p}/nginx.pid;
+error_log {p}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 10000000;
+  keepalive_timeout 60s;
+  client_body_temp_path {p}/body;
+  proxy_temp_path {p}/proxy;
+  fastcgi_temp_path {p}/fastcgi;
+  uwsgi_temp_path {p}/uwsgi;
+  scgi_temp_path {p}/scgi;
+  default_type application/wasm;
+  server {{
+    listen unix:{s};
+    root {r};
+  }}
+}}
+",
+            p = dir.path().display(),
+            s = socket.display(),
+            r = root.display()
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new(tool("NGINX", "nginx"))
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&conf_path)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting nginx");
+        for _ in 0..2000 {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Nginx {
+            _dir: dir,
+            socket,
+            child,
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-QUIT")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// Debian's `docker-registry` on a free loopback port, anonymous, in a temp dir.
+struct Registry {
+    /// Storage and config.
+    _dir: tempfile::TempDir,
+    /// `127.0.0.1:port`.
+    addr: String,
+    /// The process.
+    child: Child,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(tool("REGISTRY", "docker-registry"))
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting docker-registry");
+        for _ in 0..2000 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Registry {
+            _dir: dir,
+            addr,
+            child,
+        }
+    }
+
+    /// Pushes `module` as a Wasm artifact `repo:tag` through the registry's HTTP API.
+    async fn push(&self, repo: &str, tag: &str, module: &[u8]) {
+        let c = reqwest::Client::builder().no_proxy().build().unwrap();
+        let base = format!("http://{}", self.addr);
+        let blob = |data: Vec<u8>| {
+            let c = c.clone();
+            let base = base.clone();
+            async move {
+                let digest = format!("sha256:{}", hex::encode(sha2_digest(&data)));
+                let r = c
+                    .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+                    .send()
+                    .await
+                    .unwrap();
+                let loc = r.headers()["location"].to_str().unwrap().to_string();
+                let loc = if loc.starts_with("http") {
+                    loc
+                } else {
+                    format!("{base}{loc}")
+                };
+                let sep = if loc.contains('?') { '&' } else { '?' };
+                let size = data.len();
+                let r = c
+                    .put(format!("{loc}{sep}digest={digest}"))
+                    .body(data)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 201);
+                (digest, size)
+            }
+        };
+        let (cd, cs) = blob(b"{}".to_vec()).await;
+        let (ld, ls) = blob(module.to_vec()).await;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.module.wasm.config.v1+json", "digest": cd, "size": cs},
+            "layers": [{"mediaType": "application/vnd.module.wasm.content.layer.v1+wasm", "digest": ld, "size": ls}],
+        });
+        let r = c
+            .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(serde_json::to_vec(&manifest).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sha2_digest(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+fn mib(bytes_per_s: f64) -> f64 {
+    bytes_per_s / f64::from(1u32 << 20)
+}
+
+/// One row of the results table.
+struct Row {
+    figure: String,
+    ours: String,
+    peer: String,
+    ratio: String,
 }
 
 fn main() {
-    let daemon = Daemon::start(&Daemon::binary(), |files| {
-        std::fs::write(files.join("m.wasm"), module(1 << 20)).unwrap();
+    let bin = Daemon::binary();
+    println!("binary: {}", bin.display());
+    let registry = Registry::start();
+    let extra = format!(
+        "[network]\nallow_cidrs = [\"127.0.0.0/8\"]\n[registries.\"{}\"]\ninsecure = true\n",
+        registry.addr
+    );
+    let sizes: [(&str, usize); 3] = [("41 B", 41), ("10 MiB", 10 << 20), ("100 MiB", 100 << 20)];
+    let daemon = Daemon::start_with(&bin, &extra, |files| {
+        for (i, (_, size)) in sizes.iter().enumerate() {
+            std::fs::write(
+                files.join(format!("{i}.wasm")),
+                wasm_cache::testkit::wasm_module("b", *size),
+            )
+            .unwrap();
+        }
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let url = daemon.file_url("m.wasm");
-    rt.block_on(async {
-        let client = daemon.client.clone();
-        let body = serde_json::json!({ "url": url });
+    let mut rows = Vec::new();
 
-        // Cold burst.
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..CLIENTS)
-            .map(|_| {
-                let (c, b) = (client.clone(), body.clone());
-                tokio::spawn(async move {
-                    let r = c
-                        .post("http://localhost/v1/fetch")
-                        .json(&b)
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(r.status(), 200);
-                    r.json::<serde_json::Value>().await.unwrap()
-                })
-            })
-            .collect();
-        let mut module_url = String::new();
-        for t in tasks {
-            module_url = t.await.unwrap()["moduleUrl"].as_str().unwrap().to_string();
-        }
-        let cold = t.elapsed();
-        let metrics = client
-            .get("http://localhost/metrics")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let fetches: u64 = metrics
-            .lines()
-            .filter(|l| l.starts_with("wasm_cache_upstream_fetches_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum();
-        println!(
-            "cold burst: {CLIENTS} identical requests in {cold:?}, upstream fetches: {fetches}"
-        );
-        assert_eq!(fetches, 1, "200 concurrent requests must cause one fetch");
+    // Cache the three modules; nginx serves the same blob files.
+    let fetched: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, _)| {
+            rt.block_on(common::fetch(
+                &daemon.client,
+                daemon.file_url(&format!("{i}.wasm")),
+            ))
+        })
+        .collect();
+    let nginx = Nginx::start(&daemon.cache_dir());
+    let blob_path = |d: &wasm_cache::digest::Digest| format!("/blobs/sha256/{}", d.hex());
 
-        // Hits.
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..CLIENTS)
-            .map(|_| {
-                let (c, b) = (client.clone(), body.clone());
-                tokio::spawn(async move {
-                    let mut lat = Vec::with_capacity(HITS_PER_CLIENT);
-                    for _ in 0..HITS_PER_CLIENT {
-                        let s = Instant::now();
-                        let r = c
-                            .post("http://localhost/v1/fetch")
-                            .json(&b)
-                            .send()
-                            .await
-                            .unwrap();
-                        assert_eq!(r.status(), 200);
-                        r.bytes().await.unwrap();
-                        lat.push(s.elapsed());
-                    }
-                    lat
-                })
-            })
-            .collect();
-        let mut lat = Vec::new();
-        for t in tasks {
-            lat.extend(t.await.unwrap());
+    for (i, (label, _)) in sizes.iter().enumerate() {
+        let ours_path = fetched[i].module_url.clone();
+        let theirs_path = blob_path(&fetched[i].digest);
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        let mut peak = 0;
+        for _ in 0..ROUNDS {
+            reset_peak(daemon.pid());
+            ours.push(oha(&daemon.socket(), &ours_path, CLIENTS, None));
+            peak = peak.max(peak_kib(daemon.pid()));
+            theirs.push(oha(&nginx.socket, &theirs_path, CLIENTS, None));
         }
-        let elapsed = t.elapsed();
-        lat.sort();
-        println!(
-            "hits: {} requests in {elapsed:?} = {:.0} req/s; p50 {:?}, p99 {:?}, max {:?}",
-            lat.len(),
-            lat.len() as f64 / elapsed.as_secs_f64(),
-            percentile(&lat, 0.5),
-            percentile(&lat, 0.99),
-            lat.last().unwrap()
-        );
+        let (o, t) = (summary(&ours), summary(&theirs));
+        let small = i == 0;
+        let fmt = |l: &Load| {
+            if small {
+                format!("{:.0} req/s, p99 {:.2} ms", l.rps, l.p99 * 1e3)
+            } else {
+                format!("{:.0} MiB/s, p99 {:.1} ms", mib(l.bytes_per_s), l.p99 * 1e3)
+            }
+        };
+        rows.push(Row {
+            figure: format!("`GET` module, {label}, {CLIENTS} clients"),
+            ours: format!("{}, peak RSS {} MiB", fmt(&o), peak >> 10),
+            peer: fmt(&t),
+            ratio: format!("{:.2}x (p99 {:.2}x)", o.rps / t.rps, o.p99 / t.p99),
+        });
+    }
 
-        // Module downloads.
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..CLIENTS)
-            .map(|_| {
-                let c = client.clone();
-                let u = format!("http://localhost{module_url}");
-                tokio::spawn(async move {
-                    let mut n = 0usize;
-                    for _ in 0..GETS_PER_CLIENT {
-                        n += c.get(&u).send().await.unwrap().bytes().await.unwrap().len();
-                    }
-                    n
-                })
-            })
-            .collect();
-        let mut bytes = 0usize;
-        for t in tasks {
-            bytes += t.await.unwrap();
-        }
-        let elapsed = t.elapsed();
-        println!(
-            "module GETs: {} MiB in {elapsed:?} = {:.0} MiB/s",
-            bytes >> 20,
-            (bytes >> 20) as f64 / elapsed.as_secs_f64()
-        );
-    });
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap_or_default();
-    for line in status
-        .lines()
-        .filter(|l| l.starts_with("VmHWM") || l.starts_with("VmRSS"))
+    // Fetch hits against nginx's small file.
     {
-        println!("daemon {line}");
+        let body = serde_json::json!({ "url": daemon.file_url("0.wasm") }).to_string();
+        let theirs_path = blob_path(&fetched[0].digest);
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            ours.push(oha(&daemon.socket(), "/v1/fetch", CLIENTS, Some(&body)));
+            theirs.push(oha(&nginx.socket, &theirs_path, CLIENTS, None));
+        }
+        let (o, t) = (summary(&ours), summary(&theirs));
+        rows.push(Row {
+            figure: format!("`POST /v1/fetch` hit, {CLIENTS} clients (nginx: `GET` 41 B)"),
+            ours: format!("{:.0} req/s, p99 {:.2} ms", o.rps, o.p99 * 1e3),
+            peer: format!("{:.0} req/s, p99 {:.2} ms", t.rps, t.p99 * 1e3),
+            ratio: format!("{:.2}x (p99 {:.2}x)", o.rps / t.rps, o.p99 / t.p99),
+        });
+    }
+    drop(nginx);
+
+    // The herd: one upstream pull for 200 concurrent fetches of an uncached 10 MiB module.
+    rt.block_on(async {
+        let m = wasm_cache::testkit::wasm_module("herd", 10 << 20);
+        registry.push("bench/herd", "v1", &m).await;
+        let url = format!("oci://{}/bench/herd:v1", registry.addr);
+        let before = daemon.metric("wasm_cache_upstream_fetches_total").await;
+        reset_peak(daemon.pid());
+        let t = Instant::now();
+        let tasks: Vec<_> = (0..HERD)
+            .map(|_| {
+                let (c, u) = (daemon.client.clone(), url.clone());
+                tokio::spawn(async move { common::fetch(&c, u).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let took = t.elapsed();
+        let peak = peak_kib(daemon.pid());
+        let fetches = daemon.metric("wasm_cache_upstream_fetches_total").await - before;
+        rows.push(Row {
+            figure: format!("herd: {HERD} concurrent fetches of one uncached 10 MiB module"),
+            ours: format!(
+                "{fetches} upstream fetch(es), {:.3} s, peak RSS {} MiB",
+                took.as_secs_f64(),
+                peak >> 10
+            ),
+            peer: String::new(),
+            ratio: String::new(),
+        });
+    });
+
+    // Cold pulls against skopeo.
+    for (label, size) in [("10 MiB", 10usize << 20), ("100 MiB", 100 << 20)] {
+        let repo = format!("bench/cold{}", size >> 20);
+        rt.block_on(registry.push(&repo, "v1", &wasm_cache::testkit::wasm_module("cold", size)));
+        let url = format!("oci://{}/{repo}:v1", registry.addr);
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS + 2 {
+            rt.block_on(daemon.purge_all());
+            let t = Instant::now();
+            rt.block_on(common::fetch(&daemon.client, url.clone()));
+            ours.push(t.elapsed().as_secs_f64());
+            let out = tempfile::tempdir().unwrap();
+            let t = Instant::now();
+            let st = Command::new(tool("SKOPEO", "skopeo"))
+                .args(["copy", "--quiet", "--src-tls-verify=false"])
+                .arg(format!("docker://{}/{repo}:v1", registry.addr))
+                .arg(format!("oci:{}:v1", out.path().display()))
+                .status()
+                .expect("running skopeo");
+            theirs.push(t.elapsed().as_secs_f64());
+            assert!(st.success(), "skopeo copy failed");
+        }
+        let (o, t) = (median(ours), median(theirs));
+        rows.push(Row {
+            figure: format!("cold pull {label} from a local registry"),
+            ours: format!("{o:.3} s"),
+            peer: format!("skopeo {t:.3} s"),
+            ratio: format!("{:.2}x", o / t),
+        });
+    }
+
+    println!();
+    println!("| figure | wasm-cache | nginx / skopeo | ratio |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        println!("| {} | {} | {} | {} |", r.figure, r.ours, r.peer, r.ratio);
+    }
+}
+
+/// The median of each figure over the rounds.
+fn summary(runs: &[Load]) -> Load {
+    Load {
+        rps: median(runs.iter().map(|l| l.rps).collect()),
+        bytes_per_s: median(runs.iter().map(|l| l.bytes_per_s).collect()),
+        p99: median(runs.iter().map(|l| l.p99).collect()),
     }
 }

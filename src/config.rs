@@ -94,6 +94,8 @@ pub struct RawCache {
     pub purge_interval: Option<String>,
     /// Upper bound on the bytes of cached modules, e.g. "10GiB" (unset: no bound).
     pub max_size: Option<String>,
+    /// Memory for small modules served without reading their blob again (default 64MiB).
+    pub memory_size: Option<String>,
     /// "lazy": re-hash each blob before it is first served after a start; "scan": also
     /// re-hash every blob in the background at start.
     pub verify_blobs: Option<String>,
@@ -276,6 +278,8 @@ pub struct CacheSettings {
     pub max_size: Option<u64>,
     /// Re-hash every blob in the background at start (besides before its first serve).
     pub scan_at_start: bool,
+    /// Bytes of small modules kept in memory for hits ("0" keeps none).
+    pub memory_size: u64,
 }
 
 /// When a credential verified for a cached private module must be checked again.
@@ -617,6 +621,10 @@ impl RawConfig {
             None => None,
             Some(s) => Some(parse_size(s).map_err(|m| invalid("cache.max_size", m))?),
         };
+        let memory_size = match &c.memory_size {
+            None => 64 << 20,
+            Some(s) => parse_size(s).map_err(|m| invalid("cache.memory_size", m))?,
+        };
         let scan_at_start = match c.verify_blobs.as_deref().unwrap_or("lazy") {
             "lazy" => false,
             "scan" => true,
@@ -632,6 +640,7 @@ impl RawConfig {
             purge_interval,
             max_size,
             scan_at_start,
+            memory_size,
         };
         let log_json = match self.log.format.as_deref().unwrap_or("text") {
             "text" => false,

@@ -10,13 +10,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::net::UnixListener;
-use tokio_util::io::ReaderStream;
 
 use crate::api::{ErrorBody, FetchBody, FetchResponse, ModuleQuery};
-use crate::cache::ModuleFile;
+use crate::cache::Resident;
 use crate::config::ConnSettings;
 use crate::digest::Digest;
 use crate::error::{Code, Error};
+use crate::listen::direct::{Reply, ReplyBody};
 use crate::service::{FetchRequest, Outcome, Service};
 
 /// Wraps [`Error`] so handlers can return it.
@@ -63,7 +63,81 @@ pub async fn run(
     conn: ConnSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    crate::listen::serve(listener, router(service), conn, shutdown).await
+    let modules = Modules(service.clone());
+    crate::listen::serve_with(listener, modules, router(service), conn, shutdown).await
+}
+
+/// `GET`/`HEAD /v1/modules/{digest}` answered on the connection (from memory or with
+/// `sendfile`), with the same status, headers and error bodies as the router's handler.
+#[derive(Clone)]
+struct Modules(Service);
+
+/// The path prefix of module downloads.
+const MODULES: &str = "/v1/modules/";
+
+impl crate::listen::direct::Shortcut for Modules {
+    fn wants(&self, method: &axum::http::Method, path: &str) -> bool {
+        (method == axum::http::Method::GET || method == axum::http::Method::HEAD)
+            && path.starts_with(MODULES)
+    }
+
+    async fn answer(&self, method: axum::http::Method, path: String) -> Reply {
+        let service = &self.0;
+        let rest = &path[MODULES.len()..];
+        let (digest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (mut cred, mut token) = (None, None);
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "cred" => cred = Some(v.into_owned()),
+                "token" => token = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        let opened = match digest.parse::<Digest>() {
+            Ok(d) => service
+                .open_module(&d, cred.as_deref(), token.as_deref())
+                .await
+                .map(|m| (d, m)),
+            Err(e) => Err(Error::from(e)),
+        };
+        let (d, m) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                let status = StatusCode::from_u16(e.code.status())
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let body = serde_json::to_vec(&ErrorBody::from(&e)).unwrap_or_default();
+                return Reply {
+                    status,
+                    headers: vec![(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    body: ReplyBody::Bytes(body.into()),
+                };
+            }
+        };
+        let mut headers = vec![(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/wasm"),
+        )];
+        if let Ok(etag) = HeaderValue::from_str(&format!("\"{d}\"")) {
+            headers.push((header::ETAG, etag));
+        }
+        let body = if method == axum::http::Method::HEAD {
+            ReplyBody::Empty(m.len())
+        } else {
+            service.count_served(m.len());
+            match m {
+                Resident::Memory(b) => ReplyBody::Bytes(b),
+                Resident::File(f, len) => ReplyBody::File(f, len),
+            }
+        };
+        Reply {
+            status: StatusCode::OK,
+            headers,
+            body,
+        }
+    }
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -147,13 +221,16 @@ async fn module(
 }
 
 /// The module's bytes (or, for `HEAD`, only its headers).
-fn module_response(service: &Service, d: &Digest, m: ModuleFile, head: bool) -> Response {
+fn module_response(service: &Service, d: &Digest, m: Resident, head: bool) -> Response {
+    let len = m.len();
     let body = if head {
         Body::empty()
     } else {
-        service.count_served(m.len);
-        let file = tokio::fs::File::from_std(m.file);
-        Body::from_stream(ReaderStream::with_capacity(file, 64 * 1024))
+        service.count_served(len);
+        match m {
+            Resident::Memory(b) => Body::from(b),
+            Resident::File(file, len) => Body::from_stream(file_chunks(file, len)),
+        }
     };
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
@@ -161,9 +238,36 @@ fn module_response(service: &Service, d: &Digest, m: ModuleFile, head: bool) -> 
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/wasm"),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.len));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{d}\"")) {
         h.insert(header::ETAG, etag);
     }
     resp
+}
+
+/// The bytes of a shared open file in 256 KiB chunks, read at their offsets (the handle's own
+/// position is never used) on the blocking pool.
+fn file_chunks(
+    file: std::sync::Arc<std::fs::File>,
+    len: u64,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send {
+    const CHUNK: u64 = 256 * 1024;
+    futures_util::stream::try_unfold(0u64, move |off| {
+        let file = std::sync::Arc::clone(&file);
+        async move {
+            if off >= len {
+                return Ok(None);
+            }
+            let n = CHUNK.min(len - off) as usize;
+            let chunk = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; n];
+                file.read_exact_at(&mut buf, off)?;
+                Ok::<_, std::io::Error>(Bytes::from(buf))
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            Ok(Some((chunk, off + n as u64)))
+        }
+    })
 }

@@ -4,6 +4,7 @@
 //!
 //! Nothing outside this module builds paths under `cache_dir` or changes a blob.
 
+pub mod hot;
 pub mod index;
 pub mod lifecycle;
 pub mod store;
@@ -17,17 +18,10 @@ use crate::config::CacheSettings;
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
 use crate::metrics::Metrics;
+use hot::Hot;
+pub use hot::Resident;
 use index::{Index, Record};
 use store::Store;
-
-/// An open module blob, ready to be streamed to a caller.
-#[derive(Debug)]
-pub struct ModuleFile {
-    /// The open file; a purge after this point does not take its bytes away.
-    pub file: std::fs::File,
-    /// Its length in bytes.
-    pub len: u64,
-}
 
 /// The cache of one daemon. Cheap to clone (shared state behind `Arc`s).
 #[derive(Debug, Clone)]
@@ -45,6 +39,8 @@ pub struct Cache {
     lock: Arc<tokio::sync::Mutex<()>>,
     /// Blobs re-hashed (or written) since this process started.
     intact: Arc<Mutex<HashSet<Digest>>>,
+    /// Modules served without opening or reading their blob again.
+    hot: Hot,
 }
 
 impl Cache {
@@ -64,10 +60,11 @@ impl Cache {
         Ok(Cache {
             store,
             index,
-            settings,
             metrics,
             lock: Arc::new(tokio::sync::Mutex::new(())),
             intact: Arc::new(Mutex::new(HashSet::new())),
+            hot: Hot::new(settings.memory_size),
+            settings,
         })
     }
 
@@ -86,18 +83,15 @@ impl Cache {
         &self.settings
     }
 
-    /// The record for `location`, when its blob is on disk.
+    /// The record for `location`. Memory only: a blob removed behind the daemon's back is
+    /// noticed when it is opened (and its records dropped then).
     pub fn record(&self, location: &str) -> Option<Record> {
-        self.index
-            .get(location)
-            .filter(|r| self.store.has(&r.module))
+        self.index.get(location)
     }
 
-    /// A record of `source` answering to every digest in `digests`, when its blob is on disk.
+    /// A record of `source` answering to every digest in `digests`.
     pub fn record_by_digests(&self, source: &str, digests: &[Digest]) -> Option<Record> {
-        self.index
-            .find_by_digests(source, digests)
-            .filter(|r| self.store.has(&r.module))
+        self.index.find_by_digests(source, digests)
     }
 
     /// Moves a checked module into the store and records it, evicting least recently used
@@ -138,25 +132,45 @@ impl Cache {
         stored.ok_or_else(|| Error::internal("installing module", "record vanished"))
     }
 
-    /// Opens the blob of `d` for serving, re-hashing it first if this process has not yet
-    /// (a corrupt blob is dropped and `not_present`).
-    pub async fn open_module(&self, d: &Digest) -> Result<ModuleFile> {
+    /// The module `d`, ready to be served: from the hot set without any disk access, else
+    /// opened (and, when small, read into memory) after re-hashing it if this process has
+    /// not yet. A corrupt or vanished blob is dropped with its records and `not_present`.
+    pub async fn open_module(&self, d: &Digest) -> Result<Resident> {
+        if let Some(m) = self.hot.get(d) {
+            return Ok(m);
+        }
         let not_present =
             || Error::new(Code::NotPresent, format!("module {d} is not in the cache"));
         if !self.ensure_intact(d).await? {
             return Err(not_present());
         }
+        let epoch = self.hot.epoch();
         let path = self.store.blob_path(d);
+        let hot = self.hot.clone();
         let opened = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(&path)?;
+            use std::io::Read;
+            let mut file = std::fs::File::open(&path)?;
             let len = file.metadata()?.len();
-            Ok::<_, std::io::Error>(ModuleFile { file, len })
+            if hot.holds_in_memory(len) {
+                let mut buf = Vec::with_capacity(len as usize);
+                (&mut file).take(len).read_to_end(&mut buf)?;
+                return Ok(Resident::Memory(buf.into()));
+            }
+            Ok::<_, std::io::Error>(Resident::File(Arc::new(file), len))
         })
         .await
         .map_err(|e| Error::internal("opening module", e))?;
         match opened {
-            Ok(m) => Ok(m),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(not_present()),
+            Ok(m) => {
+                self.hot.insert(*d, m.clone(), epoch);
+                Ok(m)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::error!(digest = %d, "cached module vanished from disk; dropping its records");
+                let _guard = self.lock.lock().await;
+                self.remove(&[*d]).await?;
+                Err(not_present())
+            }
             Err(e) => Err(Error::internal("opening module", e)),
         }
     }
@@ -185,6 +199,7 @@ impl Cache {
         tokio::task::spawn_blocking(move || ds.iter().try_for_each(|d| store.remove(d)))
             .await
             .map_err(|e| Error::internal("removing modules", e))??;
+        self.hot.remove(digests);
         let mut intact = self.intact.lock().unwrap_or_else(|p| p.into_inner());
         for d in digests {
             intact.remove(d);

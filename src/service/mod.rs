@@ -15,7 +15,7 @@ use crate::api::{CacheStatus, FetchBody, ModuleInfo, PurgeReport, StatsReport};
 use crate::auth::{NodeKey, Secret};
 use crate::cache::index::{Grant, Record, now_millis};
 use crate::cache::lifecycle::Selector;
-use crate::cache::{Cache, ModuleFile};
+use crate::cache::{Cache, Resident};
 use crate::config::{AuthSettings, Limits};
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
@@ -218,7 +218,7 @@ impl Service {
         module: &Digest,
         cred: Option<&str>,
         token: Option<&str>,
-    ) -> Result<ModuleFile> {
+    ) -> Result<Resident> {
         let check =
             self.inner
                 .tenancy

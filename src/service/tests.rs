@@ -259,6 +259,7 @@ fn open(
         purge_interval: Duration::from_secs(3600),
         max_size,
         scan_at_start: false,
+        memory_size: 64 << 20,
     };
     let cache = Cache::open(path, settings, Arc::clone(&metrics)).unwrap();
     let key = NodeKey::load_or_create(cache.store()).unwrap();
@@ -606,7 +607,7 @@ async fn module_urls_of_private_modules_carry_a_token_bound_to_the_module() {
         .open_module(&d, Some(cred), Some(token))
         .await
         .unwrap();
-    assert_eq!(opened.len, m.len() as u64);
+    assert_eq!(opened.len(), m.len() as u64);
     for (c, tk) in [
         (None, None),
         (Some(cred), Some("00")),
@@ -856,7 +857,7 @@ async fn a_token_less_get_of_a_lapsed_public_module_is_served_after_an_anonymous
     let gets: Vec<_> = (0..20)
         .map(|_| {
             let s = t.service.clone();
-            tokio::spawn(async move { s.open_module(&d, None, None).await.map(|m| m.len) })
+            tokio::spawn(async move { s.open_module(&d, None, None).await.map(|m| m.len()) })
         })
         .collect();
     for g in gets {

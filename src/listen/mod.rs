@@ -3,6 +3,11 @@
 //! `header_read_timeout` (slow-header clients are dropped), and a connection with no request
 //! in flight and no traffic for `idle_timeout` is closed. On shutdown, the listener stops
 //! accepting, idle connections close, and requests in flight finish.
+//!
+//! A [`direct::Shortcut`] answers its requests (module downloads) on the connection itself,
+//! before hyper sees it; see [`direct`].
+
+pub mod direct;
 
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -13,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::Request;
+use bytes::{Buf, Bytes};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -24,7 +30,7 @@ use crate::config::ConnSettings;
 /// Something that accepts connections (a unix or TCP listener).
 pub trait Accept: Send + 'static {
     /// The connection type.
-    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    type Io: direct::Wire;
     /// Accepts the next connection.
     fn accept(&mut self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
 }
@@ -132,6 +138,60 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     }
 }
 
+/// A connection whose first bytes were already read (by [`direct::serve`]).
+struct Rewind<T> {
+    /// Bytes read before hyper took over, given back first.
+    prefix: Bytes,
+    /// The connection.
+    io: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Counts a request as in flight until its response is produced.
 struct InFlight(Arc<Activity>);
 
@@ -152,7 +212,18 @@ impl Drop for InFlight {
 /// Serves `app` on `listener` under `limits` until `shutdown` completes, then lets the
 /// requests in flight finish.
 pub async fn serve(
+    listener: impl Accept,
+    app: Router,
+    limits: ConnSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(listener, direct::Nothing, app, limits, shutdown).await
+}
+
+/// As [`serve`], with the requests `shortcut` wants answered on the connection itself.
+pub async fn serve_with(
     mut listener: impl Accept,
+    shortcut: impl direct::Shortcut,
     app: Router,
     limits: ConnSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -177,69 +248,16 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let activity = Arc::new(Activity {
-            last: AtomicU64::new(0),
-            in_flight: AtomicUsize::new(0),
-            start: Instant::now(),
-        });
-        let io = TokioIo::new(Tracked {
-            io,
-            activity: Arc::clone(&activity),
-        });
-        let a = Arc::clone(&activity);
         let app = app.clone();
-        let service = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
-            // In flight until the handler has produced its response; the body that follows
-            // counts through the IO it moves.
-            let guard = InFlight::new(&a);
-            let app = app.clone();
-            async move {
-                let resp = app.oneshot(req.map(axum::body::Body::new)).await;
-                drop(guard);
-                resp
-            }
-        });
-        let service = TowerToHyperService::new(service);
+        let shortcut = shortcut.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .keep_alive(true);
-            let mut conn = pin!(builder.serve_connection(io, service));
-            let mut tick = tokio::time::interval(limits.idle_timeout.min(Duration::from_secs(1)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // Once closing: a response still in progress may finish, but a client that stopped
-            // reading it is dropped after one more idle period.
-            let mut closing: Option<Instant> = None;
-            loop {
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(error = %e, "connection ended");
-                        }
-                        break;
-                    }
-                    _ = tick.tick() => {
-                        match closing {
-                            Some(at) if at.elapsed() >= limits.idle_timeout
-                                && activity.idle_for() >= limits.idle_timeout => break,
-                            Some(_) => {}
-                            None if activity.idle_for() >= limits.idle_timeout => {
-                                closing = Some(Instant::now());
-                                conn.as_mut().graceful_shutdown();
-                            }
-                            None => {}
-                        }
-                    }
-                    _ = stop.wait_for(|s| *s), if closing.is_none() => {
-                        closing = Some(Instant::now());
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
-            }
+            let (io, prefix) = match direct::serve(io, &shortcut, &limits, &mut stop).await {
+                direct::Outcome::Closed => return,
+                direct::Outcome::Handoff(io, prefix) => (io, prefix),
+            };
+            serve_hyper(Rewind { prefix, io }, app, limits, stop).await;
         });
     }
     drop(listener);
@@ -250,4 +268,75 @@ pub async fn serve(
         .await
         .expect("the semaphore is never closed");
     Ok(())
+}
+
+/// Serves the rest of a connection with hyper and `app`, bounded by `limits`, until it ends
+/// or `stop` (then gracefully).
+async fn serve_hyper<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: T,
+    app: Router,
+    limits: ConnSettings,
+    mut stop: watch::Receiver<bool>,
+) {
+    let activity = Arc::new(Activity {
+        last: AtomicU64::new(0),
+        in_flight: AtomicUsize::new(0),
+        start: Instant::now(),
+    });
+    let io = TokioIo::new(Tracked {
+        io,
+        activity: Arc::clone(&activity),
+    });
+    let a = Arc::clone(&activity);
+    let service = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+        // In flight until the handler has produced its response; the body that follows
+        // counts through the IO it moves.
+        let guard = InFlight::new(&a);
+        let app = app.clone();
+        async move {
+            let resp = app.oneshot(req.map(axum::body::Body::new)).await;
+            drop(guard);
+            resp
+        }
+    });
+    let service = TowerToHyperService::new(service);
+    {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .keep_alive(true);
+        let mut conn = pin!(builder.serve_connection(io, service));
+        let mut tick = tokio::time::interval(limits.idle_timeout.min(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Once closing: a response still in progress may finish, but a client that stopped
+        // reading it is dropped after one more idle period.
+        let mut closing: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "connection ended");
+                    }
+                    break;
+                }
+                _ = tick.tick() => {
+                    match closing {
+                        Some(at) if at.elapsed() >= limits.idle_timeout
+                            && activity.idle_for() >= limits.idle_timeout => break,
+                        Some(_) => {}
+                        None if activity.idle_for() >= limits.idle_timeout => {
+                            closing = Some(Instant::now());
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        None => {}
+                    }
+                }
+                _ = stop.wait_for(|s| *s), if closing.is_none() => {
+                    closing = Some(Instant::now());
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
 }
