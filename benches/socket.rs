@@ -58,10 +58,52 @@ struct Load {
     bytes_per_s: f64,
     /// 99th percentile latency, seconds.
     p99: f64,
+    /// Server CPU time per request, seconds (user + system, all its processes).
+    cpu: f64,
+}
+
+/// CPU time used so far by `pids` (user + system), seconds.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    let hz: f64 = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0);
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+            let f: Vec<&str> = after.split_whitespace().collect();
+            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            // Fields 14 and 15 of proc(5): utime and stime (11 and 12 after the name).
+            (ticks(11) + ticks(12)) / hz
+        })
+        .sum()
+}
+
+/// `pid` and its child processes (nginx's workers).
+fn family(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, a)| a.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            all.push(child);
+        }
+    }
+    all
 }
 
 /// One load run of `clients` clients against `path` on `socket`; `body` makes it a JSON POST.
-fn oha(socket: &Path, path: &str, clients: usize, body: Option<&str>) -> Load {
+/// (`pids` are the server's processes, for its CPU time.)
+fn oha(socket: &Path, pids: &[u32], path: &str, clients: usize, body: Option<&str>) -> Load {
     let mut cmd = Command::new(tool("OHA", "oha"));
     cmd.args(["--no-tui", "--output-format", "json", "-z", RUN, "-c"])
         .arg(clients.to_string())
@@ -71,7 +113,9 @@ fn oha(socket: &Path, path: &str, clients: usize, body: Option<&str>) -> Load {
         cmd.args(["-m", "POST", "-T", "application/json", "-d", b]);
     }
     cmd.arg(format!("http://localhost{path}"));
+    let cpu_before = cpu_seconds(pids);
     let out = cmd.stderr(Stdio::inherit()).output().expect("running oha");
+    let cpu = cpu_seconds(pids) - cpu_before;
     assert!(out.status.success(), "oha failed");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("oha's JSON");
     let codes = &v["statusCodeDistribution"];
@@ -82,6 +126,7 @@ fn oha(socket: &Path, path: &str, clients: usize, body: Option<&str>) -> Load {
         .unwrap_or(0);
     assert!(ok > 0 && ok == all, "{path}: status codes {codes}");
     Load {
+        cpu: cpu / all as f64,
         rps: v["summary"]["requestsPerSec"].as_f64().unwrap(),
         bytes_per_s: v["summary"]["sizePerSec"].as_f64().unwrap_or(0.0),
         p99: v["latencyPercentiles"]["p99"].as_f64().unwrap(),
@@ -303,6 +348,28 @@ struct Row {
 fn main() {
     let bin = Daemon::binary();
     println!("binary: {}", bin.display());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    println!(
+        "machine: {} x {cpu}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for (env, name, arg) in [
+        ("OHA", "oha", "--version"),
+        ("NGINX", "nginx", "-v"),
+        ("SKOPEO", "skopeo", "--version"),
+    ] {
+        if let Ok(o) = Command::new(tool(env, name)).arg(arg).output() {
+            let text = [o.stdout, o.stderr].concat();
+            println!("{}", String::from_utf8_lossy(&text).trim());
+        }
+    }
     let registry = Registry::start();
     let extra = format!(
         "[network]\nallow_cidrs = [\"127.0.0.0/8\"]\n[registries.\"{}\"]\ninsecure = true\n",
@@ -345,24 +412,46 @@ fn main() {
         let mut peak = 0;
         for _ in 0..ROUNDS {
             reset_peak(daemon.pid());
-            ours.push(oha(&daemon.socket(), &ours_path, CLIENTS, None));
+            ours.push(oha(
+                &daemon.socket(),
+                &[daemon.pid()],
+                &ours_path,
+                CLIENTS,
+                None,
+            ));
             peak = peak.max(peak_kib(daemon.pid()));
-            theirs.push(oha(&nginx.socket, &theirs_path, CLIENTS, None));
+            theirs.push(oha(
+                &nginx.socket,
+                &family(nginx.child.id()),
+                &theirs_path,
+                CLIENTS,
+                None,
+            ));
         }
         let (o, t) = (summary(&ours), summary(&theirs));
         let small = i == 0;
         let fmt = |l: &Load| {
             if small {
-                format!("{:.0} req/s, p99 {:.2} ms", l.rps, l.p99 * 1e3)
+                format!(
+                    "{:.0} req/s, p99 {:.2} ms, CPU {:.1} µs/req",
+                    l.rps,
+                    l.p99 * 1e3,
+                    l.cpu * 1e6
+                )
             } else {
-                format!("{:.0} MiB/s, p99 {:.1} ms", mib(l.bytes_per_s), l.p99 * 1e3)
+                format!(
+                    "{:.0} MiB/s, p99 {:.1} ms, CPU {:.0} µs/req",
+                    mib(l.bytes_per_s),
+                    l.p99 * 1e3,
+                    l.cpu * 1e6
+                )
             }
         };
         rows.push(Row {
             figure: format!("`GET` module, {label}, {CLIENTS} clients"),
             ours: format!("{}, peak RSS {} MiB", fmt(&o), peak >> 10),
             peer: fmt(&t),
-            ratio: format!("{:.2}x (p99 {:.2}x)", o.rps / t.rps, o.p99 / t.p99),
+            ratio: ratios(&o, &t),
         });
     }
 
@@ -372,15 +461,37 @@ fn main() {
         let theirs_path = blob_path(&fetched[0].digest);
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
-            ours.push(oha(&daemon.socket(), "/v1/fetch", CLIENTS, Some(&body)));
-            theirs.push(oha(&nginx.socket, &theirs_path, CLIENTS, None));
+            ours.push(oha(
+                &daemon.socket(),
+                &[daemon.pid()],
+                "/v1/fetch",
+                CLIENTS,
+                Some(&body),
+            ));
+            theirs.push(oha(
+                &nginx.socket,
+                &family(nginx.child.id()),
+                &theirs_path,
+                CLIENTS,
+                None,
+            ));
         }
         let (o, t) = (summary(&ours), summary(&theirs));
         rows.push(Row {
             figure: format!("`POST /v1/fetch` hit, {CLIENTS} clients (nginx: `GET` 41 B)"),
-            ours: format!("{:.0} req/s, p99 {:.2} ms", o.rps, o.p99 * 1e3),
-            peer: format!("{:.0} req/s, p99 {:.2} ms", t.rps, t.p99 * 1e3),
-            ratio: format!("{:.2}x (p99 {:.2}x)", o.rps / t.rps, o.p99 / t.p99),
+            ours: format!(
+                "{:.0} req/s, p99 {:.2} ms, CPU {:.1} µs/req",
+                o.rps,
+                o.p99 * 1e3,
+                o.cpu * 1e6
+            ),
+            peer: format!(
+                "{:.0} req/s, p99 {:.2} ms, CPU {:.1} µs/req",
+                t.rps,
+                t.p99 * 1e3,
+                t.cpu * 1e6
+            ),
+            ratio: ratios(&o, &t),
         });
     }
     drop(nginx);
@@ -456,11 +567,22 @@ fn main() {
     }
 }
 
+/// Throughput, p99 and CPU-per-request ratios (ours / theirs).
+fn ratios(o: &Load, t: &Load) -> String {
+    format!(
+        "{:.2}x (p99 {:.2}x, CPU/req {:.2}x)",
+        o.rps / t.rps,
+        o.p99 / t.p99,
+        o.cpu / t.cpu
+    )
+}
+
 /// The median of each figure over the rounds.
 fn summary(runs: &[Load]) -> Load {
     Load {
         rps: median(runs.iter().map(|l| l.rps).collect()),
         bytes_per_s: median(runs.iter().map(|l| l.bytes_per_s).collect()),
         p99: median(runs.iter().map(|l| l.p99).collect()),
+        cpu: median(runs.iter().map(|l| l.cpu).collect()),
     }
 }

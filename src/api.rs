@@ -125,17 +125,6 @@ impl From<ErrorBody> for Error {
     }
 }
 
-/// Query of `GET /v1/modules/...` for private modules.
-#[derive(Debug, Default, Deserialize)]
-pub struct ModuleQuery {
-    /// Credential id the token was issued for.
-    #[serde(default)]
-    pub cred: Option<String>,
-    /// HMAC token bound to the module and the credential.
-    #[serde(default)]
-    pub token: Option<String>,
-}
-
 /// One cached module, as `wasm-cache ls` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

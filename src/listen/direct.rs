@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::sync::watch;
 
@@ -51,12 +51,27 @@ pub struct Reply {
     pub body: ReplyBody,
 }
 
+/// A request as a [`Shortcut`] sees it.
+#[derive(Debug)]
+pub struct Request {
+    /// The method.
+    pub method: Method,
+    /// The request target (path and query).
+    pub path: String,
+    /// The `Accept` header (content negotiation), when sent.
+    pub accept: Option<HeaderValue>,
+    /// The body (`Content-Length` bytes; empty without one).
+    pub body: Bytes,
+}
+
 /// Requests answered without hyper.
 pub trait Shortcut: Clone + Send + Sync + 'static {
-    /// Whether this request is one of ours (it has no body).
+    /// Whether this request is one of ours.
     fn wants(&self, method: &Method, path: &str) -> bool;
-    /// The reply to a request [`Shortcut::wants`] (`path` includes the query).
-    fn answer(&self, method: Method, path: String) -> impl Future<Output = Reply> + Send;
+    /// The largest body read here; a larger one (or a chunked one) goes to hyper.
+    fn max_body(&self) -> usize;
+    /// The reply to a request [`Shortcut::wants`].
+    fn answer(&self, req: Request) -> impl Future<Output = Reply> + Send;
 }
 
 /// No request is answered without hyper.
@@ -67,7 +82,10 @@ impl Shortcut for Nothing {
     fn wants(&self, _: &Method, _: &str) -> bool {
         false
     }
-    async fn answer(&self, _: Method, _: String) -> Reply {
+    fn max_body(&self) -> usize {
+        0
+    }
+    async fn answer(&self, _: Request) -> Reply {
         unreachable!("Nothing wants no request")
     }
 }
@@ -157,12 +175,31 @@ pub async fn serve<Io: Wire, S: Shortcut>(
                 Ok(Ok(None)) => return Outcome::Handoff(io, buf.freeze()),
                 Ok(Err(_)) | Err(_) => return Outcome::Closed,
             };
-        if head.has_body || !shortcut.wants(&head.method, &head.path) {
+        if head.unusual
+            || head.content_length > shortcut.max_body() as u64
+            || !shortcut.wants(&head.method, &head.path)
+        {
             return Outcome::Handoff(io, buf.freeze());
         }
-        buf.advance(head.len);
+        let total = head.len + head.content_length as usize;
+        while buf.len() < total {
+            buf.reserve(total - buf.len());
+            match tokio::time::timeout(limits.idle_timeout, io.read_buf(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return Outcome::Closed,
+            }
+        }
+        let mut request = buf.split_to(total);
+        let body = request.split_off(head.len).freeze();
         first = false;
-        let reply = shortcut.answer(head.method, head.path).await;
+        let reply = shortcut
+            .answer(Request {
+                method: head.method,
+                path: head.path,
+                accept: head.accept,
+                body,
+            })
+            .await;
         let keep_alive = head.keep_alive && !*stop.borrow();
         if write_reply(&mut io, reply, keep_alive, limits.idle_timeout)
             .await
@@ -185,8 +222,13 @@ struct Head {
     path: String,
     /// Whether the connection stays open after the response.
     keep_alive: bool,
-    /// Whether a body follows (or the request is otherwise not plain).
-    has_body: bool,
+    /// `Content-Length` (0 without one).
+    content_length: u64,
+    /// The `Accept` header.
+    accept: Option<HeaderValue>,
+    /// A chunked body, `Expect`, an upgrade, an HTTP/1.0 keep-alive, a second or invalid
+    /// `Content-Length`: left to hyper.
+    unusual: bool,
 }
 
 /// Reads until `buf` holds a whole head. `None`: not for this path (too large, too many
@@ -211,7 +253,9 @@ fn head(req: &httparse::Request<'_, '_>, len: usize) -> Option<Head> {
     let path = req.path?.to_string();
     let version = req.version?;
     let mut keep_alive = version == 1;
-    let mut has_body = false;
+    let mut unusual = false;
+    let mut content_length = None;
+    let mut accept = None;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("connection") {
@@ -221,18 +265,25 @@ fn head(req: &httparse::Request<'_, '_>, len: usize) -> Option<Head> {
                     keep_alive = false;
                 } else if token.eq_ignore_ascii_case("keep-alive") && version == 0 {
                     // An HTTP/1.0 keep-alive is left to hyper, which knows the dance.
-                    has_body = true;
+                    unusual = true;
                 } else if token.eq_ignore_ascii_case("upgrade") {
-                    has_body = true;
+                    unusual = true;
                 }
             }
         } else if name.eq_ignore_ascii_case("content-length") {
-            has_body |= h.value != b"0";
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok());
+            unusual |= n.is_none() || content_length.is_some();
+            content_length = n;
+        } else if name.eq_ignore_ascii_case("accept") {
+            accept = HeaderValue::from_bytes(h.value).ok();
         } else if name.eq_ignore_ascii_case("transfer-encoding")
             || name.eq_ignore_ascii_case("expect")
             || name.eq_ignore_ascii_case("upgrade")
         {
-            has_body = true;
+            unusual = true;
         }
     }
     Some(Head {
@@ -240,7 +291,9 @@ fn head(req: &httparse::Request<'_, '_>, len: usize) -> Option<Head> {
         method,
         path,
         keep_alive,
-        has_body,
+        content_length: content_length.unwrap_or(0),
+        accept,
+        unusual,
     })
 }
 
