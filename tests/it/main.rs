@@ -10,4 +10,5 @@ mod auth;
 mod http_file;
 mod oci;
 mod registry_access;
+mod serving;
 mod ship;
