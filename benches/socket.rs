@@ -102,13 +102,23 @@ fn family(pid: u32) -> Vec<u32> {
 }
 
 /// One load run of `clients` clients against `path` on `socket`; `body` makes it a JSON POST.
-/// (`pids` are the server's processes, for its CPU time.)
-fn oha(socket: &Path, pids: &[u32], path: &str, clients: usize, body: Option<&str>) -> Load {
+/// (`pids` are the server's processes, for its CPU time.) With `requests`, that many requests
+/// instead of a run of `RUN` (a slow server may not finish one large download within it).
+fn oha(
+    socket: &Path,
+    pids: &[u32],
+    path: &str,
+    requests: Option<usize>,
+    body: Option<&str>,
+) -> Load {
     let mut cmd = Command::new(tool("OHA", "oha"));
-    cmd.args(["--no-tui", "--output-format", "json", "-z", RUN, "-c"])
-        .arg(clients.to_string())
-        .arg("--unix-socket")
-        .arg(socket);
+    cmd.args(["--no-tui", "--output-format", "json", "-c"])
+        .arg(CLIENTS.to_string());
+    match requests {
+        Some(n) => cmd.arg("-n").arg(n.to_string()),
+        None => cmd.args(["-z", RUN]),
+    };
+    cmd.arg("--unix-socket").arg(socket);
     if let Some(b) = body {
         cmd.args(["-m", "POST", "-T", "application/json", "-d", b]);
     }
@@ -124,7 +134,11 @@ fn oha(socket: &Path, pids: &[u32], path: &str, clients: usize, body: Option<&st
         .as_object()
         .map(|o| o.values().filter_map(|c| c.as_u64()).sum())
         .unwrap_or(0);
-    assert!(ok > 0 && ok == all, "{path}: status codes {codes}");
+    assert!(
+        ok > 0 && ok == all,
+        "{path}: status codes {codes}, errors {}",
+        v["errorDistribution"]
+    );
     Load {
         cpu: cpu / all as f64,
         rps: v["summary"]["requestsPerSec"].as_f64().unwrap(),
@@ -408,6 +422,8 @@ fn main() {
     for (i, (label, _)) in sizes.iter().enumerate() {
         let ours_path = fetched[i].module_url.clone();
         let theirs_path = blob_path(&fetched[i].digest);
+        // Large modules: a fixed number of downloads (about 3 GiB), timed whole.
+        let requests = (sizes[i].1 >= 1 << 20).then(|| (3usize << 30) / sizes[i].1);
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         let mut peak = 0;
         for _ in 0..ROUNDS {
@@ -416,7 +432,7 @@ fn main() {
                 &daemon.socket(),
                 &[daemon.pid()],
                 &ours_path,
-                CLIENTS,
+                requests,
                 None,
             ));
             peak = peak.max(peak_kib(daemon.pid()));
@@ -424,7 +440,7 @@ fn main() {
                 &nginx.socket,
                 &family(nginx.child.id()),
                 &theirs_path,
-                CLIENTS,
+                requests,
                 None,
             ));
         }
@@ -465,14 +481,14 @@ fn main() {
                 &daemon.socket(),
                 &[daemon.pid()],
                 "/v1/fetch",
-                CLIENTS,
+                None,
                 Some(&body),
             ));
             theirs.push(oha(
                 &nginx.socket,
                 &family(nginx.child.id()),
                 &theirs_path,
-                CLIENTS,
+                None,
                 None,
             ));
         }

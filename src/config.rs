@@ -782,7 +782,18 @@ mod tests {
         assert!(!c.auth.allow_credential_helpers);
         assert_eq!(c.cache.unused_expiry, Some(Duration::from_secs(86400)));
         assert_eq!(c.cache.max_size, None);
+        assert_eq!(c.cache.memory_size, 64 << 20);
         assert_eq!(c.admin_socket.file_name().unwrap(), "admin.sock");
+    }
+
+    #[test]
+    fn memory_size_parses_and_zero_keeps_nothing_in_memory() {
+        let c = parse("[cache]\nmemory_size = \"0\"\n").unwrap();
+        assert_eq!(c.cache.memory_size, 0);
+        let c = parse("[cache]\nmemory_size = \"8MiB\"\n").unwrap();
+        assert_eq!(c.cache.memory_size, 8 << 20);
+        let e = parse("[cache]\nmemory_size = \"lots\"\n").unwrap_err();
+        assert!(e.to_string().contains("cache.memory_size"), "{e}");
     }
 
     #[test]

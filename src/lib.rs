@@ -7,7 +7,8 @@
 //! - [`server`]: the proxies' socket API (axum on a unix listener); [`admin`]: the admin
 //!   socket API (list, purge, stats); [`api`]: every wire type both sockets, the client and
 //!   the CLI share; [`listen`]: the connection loop that bounds every connection (header
-//!   and idle timeouts, a cap on open connections).
+//!   and idle timeouts, a cap on open connections), with [`listen::direct`] answering fetches
+//!   and module downloads on the connection itself (`sendfile` for large modules).
 //! - [`service`]: decides per request: [`service::plan`] (the index lookups behind the pull
 //!   policy), [`service::access`] (callers, access proofs, module-url tokens), and one
 //!   upstream operation per key through [`singleflight`].
@@ -19,8 +20,9 @@
 //!   retries; [`netguard`]: which addresses the daemon may connect to.
 //! - [`verify`]: Wasm validation; [`digest`]: sha256 parsing and hashing.
 //! - [`cache`]: content-addressed blobs with crash-safe writes ([`cache::store`]), the
-//!   transactional index ([`cache::index`], redb), and the lifecycle ([`cache::lifecycle`]:
-//!   purge, expiry, LRU eviction, integrity).
+//!   transactional index ([`cache::index`], redb), the hot set hits are served from
+//!   ([`cache::hot`]: small modules in memory, large ones as open files), and the lifecycle
+//!   ([`cache::lifecycle`]: purge, expiry, LRU eviction, integrity).
 //! - [`auth`]: pull secrets, node credentials ([`auth::node`]) and credential helpers,
 //!   secrets that never print, credential ids and module-url tokens (HMACs under the node
 //!   key).

@@ -377,3 +377,102 @@ async fn write_all<Io: Wire>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str) -> Option<Head> {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(raw.as_bytes()).ok()? {
+            httparse::Status::Complete(len) => head(&req, len),
+            httparse::Status::Partial => None,
+        }
+    }
+
+    #[test]
+    fn plain_requests_are_ours_and_keep_alive_follows_the_version() {
+        let h = parse("GET /v1/modules/x HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert!(h.keep_alive && !h.unusual && h.content_length == 0);
+        assert_eq!(h.path, "/v1/modules/x");
+        let h = parse("GET /x HTTP/1.1\r\nConnection: Keep-Alive, close\r\n\r\n").unwrap();
+        assert!(!h.keep_alive && !h.unusual);
+        let h = parse("GET /x HTTP/1.0\r\n\r\n").unwrap();
+        assert!(!h.keep_alive && !h.unusual);
+        let h = parse(
+            "POST /v1/fetch HTTP/1.1\r\nContent-Length: 12\r\nAccept: application/wasm\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(h.content_length, 12);
+        assert_eq!(h.accept.unwrap(), "application/wasm");
+    }
+
+    #[test]
+    fn anything_unusual_is_left_to_hyper() {
+        for raw in [
+            "POST /v1/fetch HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST /v1/fetch HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            "POST /v1/fetch HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            "POST /v1/fetch HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST /v1/fetch HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+            "POST /v1/fetch HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
+            "GET /x HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+            "GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        ] {
+            assert!(parse(raw).unwrap().unusual, "{raw:?}");
+        }
+    }
+
+    /// A [`Wire`] over a unix socket pair, reading what the server side wrote.
+    #[tokio::test]
+    async fn replies_are_written_with_length_date_and_close() {
+        let (mut ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        let reply = Reply {
+            status: StatusCode::NOT_FOUND,
+            headers: vec![(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body: ReplyBody::Bytes(Bytes::from_static(b"{}")),
+        };
+        write_reply(&mut ours, reply, false, Duration::from_secs(5))
+            .await
+            .unwrap();
+        drop(ours);
+        let mut out = String::new();
+        theirs.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 404 Not Found\r\n"), "{out}");
+        assert!(out.contains("content-type: application/json\r\n"));
+        assert!(out.contains("content-length: 2\r\n"));
+        assert!(out.contains("connection: close\r\n"));
+        assert!(out.contains("\r\ndate: "));
+        assert!(out.ends_with("\r\n\r\n{}"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn a_file_body_is_sent_whole() {
+        use std::io::Write;
+        let (mut ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&data).unwrap();
+        let reply = Reply {
+            status: StatusCode::OK,
+            headers: vec![],
+            body: ReplyBody::File(Arc::new(f), data.len() as u64),
+        };
+        let reader = tokio::spawn(async move {
+            let mut out = Vec::new();
+            theirs.read_to_end(&mut out).await.unwrap();
+            out
+        });
+        write_reply(&mut ours, reply, true, Duration::from_secs(5))
+            .await
+            .unwrap();
+        drop(ours);
+        let out = reader.await.unwrap();
+        let body_at = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(&out[body_at..], &data[..]);
+    }
+}
