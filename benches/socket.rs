@@ -385,8 +385,12 @@ fn main() {
         }
     }
     let registry = Registry::start();
+    // WASM_CACHE_BENCH_WORKERS=N runs the daemon with `[server] worker_threads = N`.
+    let workers = std::env::var("WASM_CACHE_BENCH_WORKERS")
+        .map(|n| format!("[server]\nworker_threads = {n}\n"))
+        .unwrap_or_default();
     let extra = format!(
-        "[network]\nallow_cidrs = [\"127.0.0.0/8\"]\n[registries.\"{}\"]\ninsecure = true\n",
+        "{workers}[network]\nallow_cidrs = [\"127.0.0.0/8\"]\n[registries.\"{}\"]\ninsecure = true\n",
         registry.addr
     );
     let sizes: [(&str, usize); 3] = [("41 B", 41), ("10 MiB", 10 << 20), ("100 MiB", 100 << 20)];

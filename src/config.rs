@@ -58,6 +58,8 @@ pub struct RawServer {
     pub idle_timeout: Option<String>,
     /// Most connections open at once, per socket.
     pub max_connections: Option<usize>,
+    /// Threads running the sockets and fetches (unset: one per CPU).
+    pub worker_threads: Option<usize>,
 }
 
 /// `[limits]`.
@@ -208,6 +210,8 @@ pub struct Config {
     pub limits: Limits,
     /// Bounds on connections to the sockets.
     pub conn: ConnSettings,
+    /// Threads of the async runtime (`[server] worker_threads`; `None`: one per CPU).
+    pub worker_threads: Option<usize>,
 }
 
 /// `[server]`, validated: bounds on every connection to the sockets and `metrics_addr`.
@@ -718,8 +722,19 @@ impl RawConfig {
                 "header_read_timeout and idle_timeout must be positive",
             ));
         }
+        let worker_threads = match self.server.worker_threads {
+            None => None,
+            Some(n) if (1..=1024).contains(&n) => Some(n),
+            Some(_) => {
+                return Err(invalid(
+                    "server.worker_threads",
+                    "must be between 1 and 1024",
+                ));
+            }
+        };
         Ok(Config {
             conn,
+            worker_threads,
             limits,
             metrics_addr: self.metrics_addr,
             log_json,
@@ -784,6 +799,15 @@ mod tests {
         assert_eq!(c.cache.max_size, None);
         assert_eq!(c.cache.memory_size, 64 << 20);
         assert_eq!(c.admin_socket.file_name().unwrap(), "admin.sock");
+    }
+
+    #[test]
+    fn worker_threads_are_bounded() {
+        assert_eq!(parse("").unwrap().worker_threads, None);
+        let c = parse("[server]\nworker_threads = 1\n").unwrap();
+        assert_eq!(c.worker_threads, Some(1));
+        let e = parse("[server]\nworker_threads = 0\n").unwrap_err();
+        assert!(e.to_string().contains("server.worker_threads"), "{e}");
     }
 
     #[test]

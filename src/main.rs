@@ -23,31 +23,57 @@ fn init_logs(json: bool) {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Serve { config, log_format } => {
-            let config = match Config::load(config.as_deref()) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("wasm-cache: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            init_logs(match log_format {
-                Some(LogFormat::Json) => true,
-                Some(LogFormat::Text) => false,
-                None => config.log_json,
-            });
-            match wasm_cache::daemon::serve(config).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("{e}");
-                    ExitCode::FAILURE
-                }
+    if let Command::Serve { config, log_format } = &cli.command {
+        let config = match Config::load(config.as_deref()) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("wasm-cache: {e}");
+                return ExitCode::from(2);
             }
+        };
+        init_logs(match log_format {
+            Some(LogFormat::Json) => true,
+            Some(LogFormat::Text) => false,
+            None => config.log_json,
+        });
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = config.worker_threads {
+            rt.worker_threads(n);
         }
+        let rt = match rt.enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("wasm-cache: starting the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return match rt.block_on(wasm_cache::daemon::serve(config)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // The commands are clients of the daemon: one thread is plenty.
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(command(cli)),
+        Err(e) => {
+            eprintln!("wasm-cache: starting the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a client command.
+async fn command(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve { .. } => unreachable!("handled in main"),
         Command::Health { socket, config } => {
             let socket = match socket {
                 Some(s) => s,
