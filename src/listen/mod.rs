@@ -78,6 +78,8 @@ impl Activity {
 
 /// A connection's IO that records when bytes move.
 struct Tracked<T> {
+    /// Bytes read before hyper took over (by [`direct::serve`]), given back first.
+    prefix: Bytes,
     /// The connection.
     io: T,
     /// Shared with the idle check.
@@ -90,6 +92,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -125,60 +133,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     }
 
     /// Forwarded, so hyper writes head and body chunks without copying them into one buffer.
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// A connection whose first bytes were already read (by [`direct::serve`]).
-struct Rewind<T> {
-    /// Bytes read before hyper took over, given back first.
-    prefix: Bytes,
-    /// The connection.
-    io: T,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
     }
@@ -257,7 +211,7 @@ pub async fn serve_with(
                 direct::Outcome::Closed => return,
                 direct::Outcome::Handoff(io, prefix) => (io, prefix),
             };
-            serve_hyper(Rewind { prefix, io }, app, limits, stop).await;
+            serve_hyper(io, prefix, app, limits, stop).await;
         });
     }
     drop(listener);
@@ -270,10 +224,11 @@ pub async fn serve_with(
     Ok(())
 }
 
-/// Serves the rest of a connection with hyper and `app`, bounded by `limits`, until it ends
-/// or `stop` (then gracefully).
+/// Serves the rest of a connection (starting with the bytes in `prefix`) with hyper and
+/// `app`, bounded by `limits`, until it ends or `stop` (then gracefully).
 async fn serve_hyper<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     io: T,
+    prefix: Bytes,
     app: Router,
     limits: ConnSettings,
     mut stop: watch::Receiver<bool>,
@@ -284,6 +239,7 @@ async fn serve_hyper<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         start: Instant::now(),
     });
     let io = TokioIo::new(Tracked {
+        prefix,
         io,
         activity: Arc::clone(&activity),
     });
@@ -300,42 +256,40 @@ async fn serve_hyper<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
     });
     let service = TowerToHyperService::new(service);
-    {
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
-            .keep_alive(true);
-        let mut conn = pin!(builder.serve_connection(io, service));
-        let mut tick = tokio::time::interval(limits.idle_timeout.min(Duration::from_secs(1)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Once closing: a response still in progress may finish, but a client that stopped
-        // reading it is dropped after one more idle period.
-        let mut closing: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "connection ended");
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    let mut conn = pin!(builder.serve_connection(io, service));
+    let mut tick = tokio::time::interval(limits.idle_timeout.min(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Once closing: a response still in progress may finish, but a client that stopped
+    // reading it is dropped after one more idle period.
+    let mut closing: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended");
+                }
+                break;
+            }
+            _ = tick.tick() => {
+                match closing {
+                    Some(at) if at.elapsed() >= limits.idle_timeout
+                        && activity.idle_for() >= limits.idle_timeout => break,
+                    Some(_) => {}
+                    None if activity.idle_for() >= limits.idle_timeout => {
+                        closing = Some(Instant::now());
+                        conn.as_mut().graceful_shutdown();
                     }
-                    break;
+                    None => {}
                 }
-                _ = tick.tick() => {
-                    match closing {
-                        Some(at) if at.elapsed() >= limits.idle_timeout
-                            && activity.idle_for() >= limits.idle_timeout => break,
-                        Some(_) => {}
-                        None if activity.idle_for() >= limits.idle_timeout => {
-                            closing = Some(Instant::now());
-                            conn.as_mut().graceful_shutdown();
-                        }
-                        None => {}
-                    }
-                }
-                _ = stop.wait_for(|s| *s), if closing.is_none() => {
-                    closing = Some(Instant::now());
-                    conn.as_mut().graceful_shutdown();
-                }
+            }
+            _ = stop.wait_for(|s| *s), if closing.is_none() => {
+                closing = Some(Instant::now());
+                conn.as_mut().graceful_shutdown();
             }
         }
     }
