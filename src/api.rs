@@ -62,6 +62,9 @@ pub enum CacheStatus {
     /// Served from the cache after asking upstream (the tag did not move, or the registry
     /// confirmed the caller's access).
     Revalidated,
+    /// Served from the cache because re-resolving the location failed upstream
+    /// (`[fetch] stale_if_error`).
+    Stale,
 }
 
 impl CacheStatus {
@@ -71,6 +74,7 @@ impl CacheStatus {
             CacheStatus::Hit => "hit",
             CacheStatus::Miss => "miss",
             CacheStatus::Revalidated => "revalidated",
+            CacheStatus::Stale => "stale",
         }
     }
 }

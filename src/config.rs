@@ -137,6 +137,10 @@ pub struct RawFetch {
     pub min_rate: Option<String>,
     /// Over how long the rate is measured, e.g. "30s".
     pub min_rate_window: Option<String>,
+    /// Serve the last module of a location when re-resolving it fails upstream.
+    pub stale_if_error: Option<bool>,
+    /// How long a failed fetch is answered from memory, e.g. "10s" ("0s" disables).
+    pub negative_ttl: Option<String>,
 }
 
 /// `[registries."HOST:PORT"]`.
@@ -355,6 +359,27 @@ pub struct FetchSettings {
     pub min_rate: u64,
     /// The window the minimum rate is measured over.
     pub min_rate_window: Duration,
+    /// What happens when upstream fails.
+    pub failures: FailureSettings,
+}
+
+/// `[fetch]` keys on upstream failures, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailureSettings {
+    /// When `Always` re-resolution fails with `upstream_error` or `timeout`, serve the cached
+    /// module of the location (to a caller entitled to it) as `cache: "stale"`.
+    pub stale_if_error: bool,
+    /// A failed fetch is answered from memory with the same error for this long (zero: not).
+    pub negative_ttl: Duration,
+}
+
+impl Default for FailureSettings {
+    fn default() -> Self {
+        FailureSettings {
+            stale_if_error: true,
+            negative_ttl: Duration::from_secs(10),
+        }
+    }
 }
 
 /// A configuration problem, reported before anything starts.
@@ -540,6 +565,14 @@ impl RawConfig {
                 &f.min_rate_window,
                 Duration::from_secs(30),
             )?,
+            failures: FailureSettings {
+                stale_if_error: f.stale_if_error.unwrap_or(true),
+                negative_ttl: duration(
+                    "fetch.negative_ttl",
+                    &f.negative_ttl,
+                    FailureSettings::default().negative_ttl,
+                )?,
+            },
             max_concurrent: match f.max_concurrent {
                 None => 8,
                 Some(n) if (1..=1024).contains(&n) => n,

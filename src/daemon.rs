@@ -107,6 +107,7 @@ pub fn build_service(config: &Config) -> Result<Service, crate::error::Error> {
         key,
         &config.auth,
         config.limits,
+        config.fetch.failures,
         metrics,
     ))
 }

@@ -37,6 +37,12 @@ pub struct Metrics {
     pub bytes: IntGauge,
     /// Time to resolve a fetch request, cache hits included.
     pub request_seconds: Histogram,
+    /// Fetches answered with the cached module because re-resolving failed upstream.
+    pub stale_served: IntCounter,
+    /// Fetches answered from memory with a failure remembered for `[fetch] negative_ttl`.
+    pub negative_hits: IntCounter,
+    /// Background retries of remembered failures, by result (success or an error code).
+    pub background_retries: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -97,7 +103,7 @@ impl Metrics {
         Metrics {
             lookups: counter_vec(
                 "wasm_cache_lookups_total",
-                "Fetch requests by result (hit, miss, revalidated, error).",
+                "Fetch requests by result (hit, miss, revalidated, stale, error).",
                 &["result"],
             ),
             upstream: counter_vec(
@@ -129,6 +135,19 @@ impl Metrics {
             corrupt: counter(
                 "wasm_cache_corrupt_blobs_total",
                 "Cached blobs dropped because their bytes no longer matched their digest.",
+            ),
+            stale_served: counter(
+                "wasm_cache_stale_served_total",
+                "Fetches answered with the cached module because re-resolving it failed upstream.",
+            ),
+            negative_hits: counter(
+                "wasm_cache_negative_hits_total",
+                "Fetches answered from memory with a recently failed fetch's error.",
+            ),
+            background_retries: counter_vec(
+                "wasm_cache_background_retries_total",
+                "Background retries of recently failed fetches, by result.",
+                &["result"],
             ),
             index_damaged: counter(
                 "wasm_cache_index_damaged_total",

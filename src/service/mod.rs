@@ -4,6 +4,7 @@
 //! with an in-process fake.
 
 pub mod access;
+pub mod failures;
 pub mod plan;
 #[cfg(test)]
 mod tests;
@@ -16,7 +17,7 @@ use crate::auth::{NodeKey, Secret};
 use crate::cache::index::{Grant, Record, now_millis};
 use crate::cache::lifecycle::Selector;
 use crate::cache::{Cache, Resident};
-use crate::config::{AuthSettings, Limits};
+use crate::config::{AuthSettings, FailureSettings, Limits};
 use crate::digest::Digest;
 use crate::error::{Code, Error, Result};
 use crate::fetch::{Fetched, Upstream};
@@ -25,6 +26,7 @@ use crate::policy::{Effective, PullPolicy};
 use crate::singleflight::Flights;
 use crate::source::{OciRef, Source};
 use access::{Caller, GetAccess, Tenancy};
+use failures::{Failures, Lookup};
 use plan::{Plan, expected_digests};
 
 /// A validated fetch request.
@@ -151,6 +153,10 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Bounds on request fields.
     limits: Limits,
+    /// Failed fetches answered from memory for a while (and retried in the background).
+    failures: Failures,
+    /// Serve the cached module when re-resolving it fails upstream.
+    stale_if_error: bool,
 }
 
 impl Service {
@@ -161,10 +167,13 @@ impl Service {
         key: NodeKey,
         auth: &AuthSettings,
         limits: Limits,
+        on_failure: FailureSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
         Service {
             inner: Arc::new(Inner {
+                failures: Failures::new(on_failure.negative_ttl, on_failure.negative_ttl),
+                stale_if_error: on_failure.stale_if_error,
                 cache,
                 upstream,
                 tenancy: Tenancy::new(key, auth, limits.pull_secret_entries),
@@ -358,7 +367,13 @@ impl Service {
                     ),
                 ));
             }
-            Plan::Fetch | Plan::Revalidate(_) => self.upstream(req.clone(), caller).await?,
+            Plan::Fetch => self.upstream_or_remembered(&req, caller).await?,
+            Plan::Revalidate(record) => {
+                match self.upstream_or_remembered(&req, caller.clone()).await {
+                    Ok(outcome) => outcome,
+                    Err(e) => self.stale(&caller, record, e)?,
+                }
+            }
         };
         // Followers of a flight record their own resource version too.
         if policy == Effective::Always
@@ -449,14 +464,92 @@ impl Service {
         }
     }
 
-    /// Goes upstream once for all concurrent identical requests of the same caller.
-    async fn upstream(&self, req: FetchRequest, caller: Caller) -> Result<Outcome> {
-        let key = format!(
+    /// When re-resolving `record`'s location failed with `e`: the cached module as `stale`
+    /// if that is allowed and `caller` is entitled to it without asking the registry (an
+    /// access check never falls back); else `e`.
+    fn stale(&self, caller: &Caller, record: Record, e: Error) -> Result<Outcome> {
+        if !self.inner.stale_if_error || !matches!(e.code, Code::UpstreamError | Code::Timeout) {
+            return Err(e);
+        }
+        let tenancy = &self.inner.tenancy;
+        let Some(grant) = tenancy.proven_grant(self.cache().index(), caller, &record) else {
+            return Err(e);
+        };
+        self.inner.metrics.stale_served.inc();
+        tracing::warn!(
+            source = %record.source,
+            digest = %record.module,
+            error = %e.message,
+            "re-resolving failed upstream; serving the cached module (stale_if_error)"
+        );
+        Ok(Outcome {
+            record,
+            cache: CacheStatus::Stale,
+            grant,
+        })
+    }
+
+    /// The key of the upstream flight for `req` by `caller`.
+    fn fetch_key(req: &FetchRequest, caller: &Caller) -> String {
+        format!(
             "fetch|{}|{}|{}",
             req.source.location_key(),
             req.sha256.map(|d| d.to_string()).unwrap_or_default(),
             caller.flight_key()
-        );
+        )
+    }
+
+    /// Goes upstream, unless the same fetch failed moments ago: then its error, from memory
+    /// (starting a background retry when one is due).
+    async fn upstream_or_remembered(&self, req: &FetchRequest, caller: Caller) -> Result<Outcome> {
+        let key = Self::fetch_key(req, &caller);
+        let version = req.resource_version.as_deref();
+        let failures = &self.inner.failures;
+        match failures.lookup(&key, version) {
+            Lookup::Miss => {}
+            Lookup::Failed(e) => {
+                self.inner.metrics.negative_hits.inc();
+                return Err(e);
+            }
+            Lookup::FailedRetryNow(e) => {
+                self.inner.metrics.negative_hits.inc();
+                let this = self.clone();
+                let (req, key) = (req.clone(), key.clone());
+                tokio::spawn(async move {
+                    let version = req.resource_version.clone();
+                    let result = this.upstream(req, caller).await;
+                    let label = match &result {
+                        Ok(_) => {
+                            this.inner.failures.succeeded(&key);
+                            "success"
+                        }
+                        Err(e) => {
+                            this.inner
+                                .failures
+                                .retry_failed(&key, version.as_deref(), e);
+                            e.code.as_str()
+                        }
+                    };
+                    this.inner
+                        .metrics
+                        .background_retries
+                        .with_label_values(&[label])
+                        .inc();
+                });
+                return Err(e);
+            }
+        }
+        let result = self.upstream(req.clone(), caller).await;
+        match &result {
+            Ok(_) => failures.succeeded(&key),
+            Err(e) => failures.failed(&key, version, e),
+        }
+        result
+    }
+
+    /// Goes upstream once for all concurrent identical requests of the same caller.
+    async fn upstream(&self, req: FetchRequest, caller: Caller) -> Result<Outcome> {
+        let key = Self::fetch_key(&req, &caller);
         let this = self.clone();
         self.join(key, async move { this.lead(req, caller).await })
             .await

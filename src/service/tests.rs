@@ -13,7 +13,7 @@ use futures_util::future::BoxFuture;
 use super::*;
 use crate::auth::Credential;
 use crate::cache::store::Store;
-use crate::config::{CacheSettings, Limits, VerifyPolicy};
+use crate::config::{CacheSettings, FailureSettings, Limits, VerifyPolicy};
 use crate::fetch::KnownBlobs;
 use crate::fetch::oci::Authorized;
 
@@ -52,6 +52,8 @@ struct Fake {
     delay: Mutex<Duration>,
     /// The next fetch panics.
     panic_next: AtomicBool,
+    /// Every operation fails with `upstream_error` (the registry is down).
+    down: AtomicBool,
 }
 
 fn denied(source: &str) -> Error {
@@ -120,6 +122,14 @@ impl Fake {
         }
     }
 
+    /// `upstream_error` while the fake is down.
+    fn up(&self) -> Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(Error::new(Code::UpstreamError, "connection refused"));
+        }
+        Ok(())
+    }
+
     fn manifest_of(&self, r: &OciRef) -> Result<Digest> {
         if let Some(d) = r.digest {
             return Ok(d);
@@ -142,6 +152,7 @@ impl Upstream for Fake {
         async move {
             self.calls.fetch.fetch_add(1, Ordering::SeqCst);
             self.pause().await;
+            self.up()?;
             let (bytes, image_digest, credential, etag) = match source {
                 Source::Oci(r) => {
                     let credential = self.accept(&source.source_key(), creds)?;
@@ -182,6 +193,7 @@ impl Upstream for Fake {
     ) -> BoxFuture<'a, Result<Authorized<Digest>>> {
         async move {
             self.calls.resolve.fetch_add(1, Ordering::SeqCst);
+            self.up()?;
             let credential = self.accept(&Source::Oci(r.clone()).source_key(), creds)?;
             Ok(Authorized {
                 value: self.manifest_of(r)?,
@@ -199,6 +211,7 @@ impl Upstream for Fake {
     ) -> BoxFuture<'a, Result<Option<Credential>>> {
         async move {
             self.calls.verify.fetch_add(1, Ordering::SeqCst);
+            self.up()?;
             self.accept(&Source::Oci(r.clone()).source_key(), creds)
         }
         .boxed()
@@ -269,6 +282,7 @@ fn open(
         calls: Calls::default(),
         delay: Mutex::new(Duration::ZERO),
         panic_next: AtomicBool::new(false),
+        down: AtomicBool::new(false),
     });
     let auth = AuthSettings {
         docker_config: None,
@@ -277,7 +291,15 @@ fn open(
     };
     let upstream: Arc<dyn Upstream> = fake.clone();
     (
-        Service::new(cache, upstream, key, &auth, Limits::default(), metrics),
+        Service::new(
+            cache,
+            upstream,
+            key,
+            &auth,
+            Limits::default(),
+            FailureSettings::default(),
+            metrics,
+        ),
         fake,
     )
 }
@@ -942,5 +964,101 @@ async fn issue_9_downloads_in_progress_count_against_max_size() {
         store.pending_bytes(),
         0,
         "finished and dropped writers give their bytes back"
+    );
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_the_cached_module_when_the_registry_is_down() {
+    let t = rig();
+    let m = module("stale");
+    t.fake.push(LATEST, &m);
+    assert_eq!(t.get(req(LATEST)).await.unwrap().cache, CacheStatus::Miss);
+    t.fake.down.store(true, Ordering::SeqCst);
+    let stale = t.get(req(LATEST)).await.unwrap();
+    assert_eq!(stale.cache, CacheStatus::Stale);
+    assert_eq!(stale.record.module, Digest::of(&m));
+    assert!(
+        t.service
+            .metrics_text()
+            .contains("wasm_cache_stale_served_total 1")
+    );
+    // Back up: revalidated again.
+    t.fake.down.store(false, Ordering::SeqCst);
+    let r = t.get(req(LATEST).version("p", "2")).await.unwrap();
+    assert_eq!(r.cache, CacheStatus::Revalidated);
+}
+
+#[tokio::test]
+async fn stale_if_error_never_skips_an_access_check() {
+    let t = rig_with(VerifyPolicy::Always, None);
+    let src = Source::parse(LATEST).unwrap();
+    t.fake.make_private(&src.source_key(), &["alice"]);
+    t.fake.push(LATEST, &module("private-stale"));
+    let alice = || req(LATEST).user("reg.example", "alice");
+    assert_eq!(t.get(alice()).await.unwrap().cache, CacheStatus::Miss);
+    t.fake.down.store(true, Ordering::SeqCst);
+    // Every hit must be verified, and the registry cannot be asked: no stale answer.
+    let e = t.get(alice()).await.unwrap_err();
+    assert_eq!(e.code, Code::UpstreamError);
+    let e = t
+        .get(req(LATEST).user("reg.example", "bob"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, Code::UpstreamError);
+}
+
+#[tokio::test]
+async fn a_failed_fetch_is_answered_from_memory_and_another_version_goes_upstream() {
+    let t = rig();
+    t.fake.push(TAGGED, &module("neg"));
+    t.fake.down.store(true, Ordering::SeqCst);
+    for _ in 0..20 {
+        let e = t.get(req(TAGGED).version("p", "1")).await.unwrap_err();
+        assert_eq!(e.code, Code::UpstreamError);
+    }
+    assert_eq!(t.calls().0, 1, "one upstream fetch for 20 failing requests");
+    assert!(
+        t.service
+            .metrics_text()
+            .contains("wasm_cache_negative_hits_total 19")
+    );
+    // A new resourceVersion may have fixed it: it goes upstream.
+    t.fake.down.store(false, Ordering::SeqCst);
+    let r = t.get(req(TAGGED).version("p", "2")).await.unwrap();
+    assert_eq!(r.cache, CacheStatus::Miss);
+    assert_eq!(t.calls().0, 2);
+}
+
+#[tokio::test]
+async fn a_background_retry_makes_the_next_request_a_hit() {
+    let t = rig();
+    t.fake.push(TAGGED, &module("retry"));
+    t.fake.down.store(true, Ordering::SeqCst);
+    assert!(t.get(req(TAGGED)).await.is_err());
+    t.fake.down.store(false, Ordering::SeqCst);
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_millis(1100)).await;
+    // Still answered from memory, and the due background retry starts.
+    assert_eq!(
+        t.get(req(TAGGED)).await.unwrap_err().code,
+        Code::UpstreamError
+    );
+    for _ in 0..1000 {
+        if t.service.inner.failures.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        t.service.inner.failures.is_empty(),
+        "the retry did not finish"
+    );
+    let r = t.get(req(TAGGED)).await.unwrap();
+    assert_eq!(r.cache, CacheStatus::Hit);
+    assert_eq!(t.calls().0, 2);
+    assert!(
+        t.service
+            .metrics_text()
+            .contains("wasm_cache_background_retries_total{result=\"success\"} 1")
     );
 }

@@ -494,11 +494,56 @@ async fn restart_serves_hits_with_the_registry_stopped() {
     let a = d.fetch_ok(json!({"url": url})).await;
     assert_eq!(a["cache"], "hit");
     assert_serves(&d, &a, &m).await;
-    // Anything needing the registry now fails fast with a clear code.
-    let (status, code) = d
-        .fetch_err(json!({"url": url, "pullPolicy": "Always"}))
+    // Re-resolving with the registry down serves the cached module as stale (issue 11).
+    let a = d
+        .fetch_ok(json!({"url": url, "pullPolicy": "Always"}))
         .await;
+    assert_eq!(a["cache"], "stale");
+    assert_serves(&d, &a, &m).await;
+    // Anything that has nothing to fall back on fails fast with a clear code.
+    let other = format!("{}/restart/other:v1", registry.addr);
+    let (status, code) = d.fetch_err(json!({"url": other})).await;
     assert_eq!((status, code.as_str()), (502, "upstream_error"));
+}
+
+/// Issue 11: with `stale_if_error = false`, re-resolving with the registry down is an error;
+/// and a url that fails is answered from memory for `negative_ttl`: 50 fetches of a missing
+/// tag make one upstream request, and a new resource version goes upstream again.
+#[tokio::test]
+async fn issue_11_stale_if_error_off_and_the_negative_cache() {
+    let registry = Registry::start();
+    let p = Pusher::new(&registry.addr);
+    let m = wasm_module("no-stale", 10);
+    push_solo(&p, "nostale/me", "latest", &m).await;
+    let fetch = "[fetch]\nrequest_timeout = \"5s\"\ntotal_timeout = \"30s\"\nretries = 0\nstale_if_error = false\n";
+    let d = Daemon::start(DaemonOpts {
+        fetch: Some(fetch.into()),
+        ..Default::default()
+    });
+    let url = format!("{}/nostale/me", registry.addr);
+    assert_eq!(d.fetch_ok(json!({"url": url})).await["cache"], "miss");
+    registry.stop();
+    let (status, code) = d.fetch_err(json!({"url": url})).await;
+    assert_eq!((status, code.as_str()), (502, "upstream_error"));
+
+    let (_, proxy) = shared();
+    let missing = format!("{}/negative/missing:v1", proxy.addr);
+    for _ in 0..50 {
+        let (status, code) = d.fetch_err(json!({"url": missing})).await;
+        assert_eq!((status, code.as_str()), (404, "not_found"));
+    }
+    assert_eq!(proxy.count("GET /v2/negative/missing/manifests/"), 1);
+    let (_, code) = d
+        .fetch_err(json!({"url": missing, "resourceVersion": "2"}))
+        .await;
+    assert_eq!(code, "not_found");
+    assert_eq!(proxy.count("GET /v2/negative/missing/manifests/"), 2);
+    let metrics = d.get("/metrics").await.1;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("wasm_cache_negative_hits_total 49"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -569,6 +614,9 @@ async fn issue_9_a_registry_down_at_first_contact_is_not_remembered_as_plain_htt
         &m,
     )
     .await;
-    let body = d.fetch_ok(json!({"url": url})).await;
+    // (A new resource version: the failure is not answered from memory.)
+    let body = d
+        .fetch_ok(json!({"url": url, "resourceVersion": "2"}))
+        .await;
     assert_eq!(body["digest"], sha(&m));
 }
