@@ -31,8 +31,13 @@ pub enum Command {
     },
     /// Ask the daemon for a module and print its answer (or write the module with -o).
     Fetch(FetchArgs),
+    /// Warm the cache: fetch the modules of urls and WasmPlugin manifests through the daemon.
+    Prefetch(PrefetchArgs),
     /// Exit 0 when the daemon answers on its socket (for liveness/readiness probes).
     Health {
+        /// Ask `/readyz` (not ready while `[prefetch] ready_after` warming runs).
+        #[arg(long)]
+        ready: bool,
         /// The daemon's socket.
         #[arg(long, conflicts_with = "config", env = "WASM_CACHE_SOCKET")]
         socket: Option<PathBuf>,
@@ -117,6 +122,66 @@ pub struct PurgeArgs {
     /// Where the admin socket is.
     #[command(flatten)]
     pub admin: AdminArgs,
+}
+
+/// `wasm-cache prefetch`.
+#[derive(Debug, Args)]
+pub struct PrefetchArgs {
+    /// Urls to warm.
+    pub urls: Vec<String>,
+    /// WasmPlugin manifests: multi-document YAML or JSON, `List`s included (repeatable).
+    #[arg(short = 'f', long = "filename")]
+    pub files: Vec<PathBuf>,
+    /// File holding the `.dockerconfigjson` payload for plugins that name an
+    /// `imagePullSecret`.
+    #[arg(long)]
+    pub pull_secret: Option<PathBuf>,
+    /// Modules fetched at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub concurrency: u16,
+    /// Print one JSON report instead of progress lines.
+    #[arg(long)]
+    pub json: bool,
+    /// The daemon's socket.
+    #[arg(long, conflicts_with = "config", env = "WASM_CACHE_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Read the socket path from this config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+impl PrefetchArgs {
+    /// The socket to talk to: `--socket`, else the config's, else the default.
+    pub fn socket_path(&self) -> Result<PathBuf, ConfigError> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        Ok(Config::load(self.config.as_deref())?.socket)
+    }
+
+    /// The modules to warm (urls first, then the manifests' plugins) and the pull secret.
+    pub fn items(&self) -> Result<(Vec<crate::prefetch::Item>, Option<Secret>), String> {
+        let mut items: Vec<_> = self
+            .urls
+            .iter()
+            .map(|u| crate::prefetch::Item::url(u))
+            .collect();
+        for f in &self.files {
+            items.extend(crate::prefetch::read_file(f)?);
+        }
+        if items.is_empty() {
+            return Err("nothing to prefetch: give urls or -f manifests".into());
+        }
+        let secret = match &self.pull_secret {
+            None => None,
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("reading pull secret {}: {e}", p.display()))?;
+                Some(Secret::new(text.trim()))
+            }
+        };
+        Ok((items, secret))
+    }
 }
 
 /// `wasm-cache fetch`.

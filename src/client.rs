@@ -166,10 +166,12 @@ pub async fn admin<B: Serialize, T: DeserializeOwned>(
         .map_err(|e| Error::internal("decoding answer", e))
 }
 
-/// `GET /healthz` on the proxies' socket, with a short timeout.
-pub async fn health(socket: &Path) -> Result<(), Error> {
+/// `GET /healthz` (or, with `ready`, `/readyz`) on the proxies' socket, with a short
+/// timeout.
+pub async fn health(socket: &Path, ready: bool) -> Result<(), Error> {
+    let path = if ready { "readyz" } else { "healthz" };
     let req = client(socket)?
-        .get("http://localhost/healthz")
+        .get(format!("http://localhost/{path}"))
         .timeout(std::time::Duration::from_secs(5));
     send(socket, req).await.map(drop)
 }

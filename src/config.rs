@@ -46,6 +46,23 @@ pub struct RawConfig {
     pub limits: RawLimits,
     /// Bounds on connections to the sockets.
     pub server: RawServer,
+    /// Modules warmed at start and on SIGHUP.
+    pub prefetch: RawPrefetch,
+}
+
+/// `[prefetch]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawPrefetch {
+    /// Urls warmed at start.
+    pub urls: Vec<String>,
+    /// Directories of WasmPlugin manifests (`*.yaml`, `*.yml`, `*.json`) warmed at start and
+    /// re-read on SIGHUP.
+    pub wasmplugin_dirs: Vec<PathBuf>,
+    /// Keep `/readyz` not ready until the warming at start is done.
+    pub ready_after: bool,
+    /// Modules fetched at once while warming (default 4).
+    pub concurrency: Option<usize>,
 }
 
 /// `[server]`.
@@ -216,6 +233,21 @@ pub struct Config {
     pub conn: ConnSettings,
     /// Threads of the async runtime (`[server] worker_threads`; `None`: one per CPU).
     pub worker_threads: Option<usize>,
+    /// What is warmed at start and on SIGHUP.
+    pub prefetch: PrefetchSettings,
+}
+
+/// `[prefetch]`, validated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefetchSettings {
+    /// Urls warmed at start.
+    pub urls: Vec<String>,
+    /// Directories of WasmPlugin manifests warmed at start and on SIGHUP.
+    pub wasmplugin_dirs: Vec<PathBuf>,
+    /// `/readyz` answers 503 until the warming at start is done.
+    pub ready_after: bool,
+    /// Modules fetched at once while warming.
+    pub concurrency: usize,
 }
 
 /// `[server]`, validated: bounds on every connection to the sockets and `metrics_addr`.
@@ -765,9 +797,23 @@ impl RawConfig {
                 ));
             }
         };
+        let p = self.prefetch;
+        let prefetch = PrefetchSettings {
+            concurrency: match p.concurrency {
+                None => 4,
+                Some(n) if (1..=64).contains(&n) => n,
+                Some(_) => {
+                    return Err(invalid("prefetch.concurrency", "must be between 1 and 64"));
+                }
+            },
+            urls: p.urls,
+            wasmplugin_dirs: p.wasmplugin_dirs,
+            ready_after: p.ready_after,
+        };
         Ok(Config {
             conn,
             worker_threads,
+            prefetch,
             limits,
             metrics_addr: self.metrics_addr,
             log_json,

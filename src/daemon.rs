@@ -174,6 +174,61 @@ fn inherited(fds: &mut listenfd::ListenFd, idx: usize) -> Result<Option<UnixList
     UnixListener::from_std(l).map(Some).map_err(err)
 }
 
+/// Warms `[prefetch]` at start (holding `/readyz` until done with `ready_after`), then
+/// again on every SIGHUP: the directories are re-read and what is new is fetched.
+async fn warm(
+    service: Service,
+    settings: crate::config::PrefetchSettings,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use std::collections::BTreeSet;
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed first, so a SIGHUP during the first warming is not lost (or fatal).
+    let mut hup = signal(SignalKind::hangup()).ok();
+    if settings.urls.is_empty() && settings.wasmplugin_dirs.is_empty() {
+        return;
+    }
+    if settings.ready_after {
+        service.set_ready(false);
+    }
+    let mut warmed: BTreeSet<crate::prefetch::Item> = BTreeSet::new();
+    loop {
+        let dirs = settings.wasmplugin_dirs.clone();
+        let (mut items, errors) =
+            match tokio::task::spawn_blocking(move || crate::prefetch::read_dirs(&dirs)).await {
+                Ok(found) => found,
+                Err(e) => (BTreeSet::new(), vec![e.to_string()]),
+            };
+        for e in errors {
+            tracing::warn!(error = %e, "reading WasmPlugin manifests for prefetch");
+        }
+        items.extend(settings.urls.iter().map(|u| crate::prefetch::Item::url(u)));
+        let new: Vec<_> = items.difference(&warmed).cloned().collect();
+        let report = crate::prefetch::warm(&service, new, settings.concurrency).await;
+        tracing::info!(
+            fetched = report.fetched,
+            cached = report.cached,
+            failed = report.failed,
+            "prefetch done"
+        );
+        // Failed modules are tried again on the next SIGHUP.
+        let failed: BTreeSet<String> = report
+            .modules
+            .iter()
+            .filter(|o| o.code.is_some())
+            .map(|o| o.url.clone())
+            .collect();
+        warmed.extend(items.into_iter().filter(|i| !failed.contains(&i.url)));
+        service.set_ready(true);
+        let Some(h) = hup.as_mut() else { return };
+        tokio::select! {
+            got = h.recv() => if got.is_none() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tracing::info!("SIGHUP: re-reading prefetch directories");
+    }
+}
+
 /// Runs the daemon until a shutdown signal. Sockets passed by systemd socket activation
 /// (`LISTEN_FDS`: the proxies' socket first, optionally the admin socket second) are used
 /// instead of binding; readiness is reported with `sd_notify` when `NOTIFY_SOCKET` is set.
@@ -233,6 +288,11 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             }
         });
     }
+    let warmer = tokio::spawn(warm(
+        service.clone(),
+        config.prefetch.clone(),
+        stop_rx.clone(),
+    ));
     let sweeper = {
         let s = service.clone();
         let rx = stop_rx.clone();
@@ -280,6 +340,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let r1 = proxies.await;
     let r2 = admin_server.await;
     let _ = sweeper.await;
+    warmer.abort();
     if let Some(m) = metrics_server {
         let _ = m.await;
     }

@@ -12,7 +12,8 @@
 //! - [`service`]: decides per request: [`service::plan`] (the index lookups behind the pull
 //!   policy), [`service::access`] (callers, access proofs, module-url tokens), and one
 //!   upstream operation per key through [`singleflight`].
-//! - [`policy`]: the pull-policy rules as a pure function.
+//! - [`policy`]: the pull-policy rules as a pure function; [`prefetch`]: the modules that
+//!   WasmPlugin manifests name, warmed before proxies ask.
 //! - [`source`]: parsing urls and OCI references (the one Docker Hub alias list and host:port
 //!   parser).
 //! - [`fetch`]: the [`fetch::Upstream`] trait the service depends on, and its fetchers
@@ -50,6 +51,7 @@ pub mod listen;
 pub mod metrics;
 pub mod netguard;
 pub mod policy;
+pub mod prefetch;
 #[cfg(test)]
 mod properties;
 pub mod report;

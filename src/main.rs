@@ -74,7 +74,11 @@ fn main() -> ExitCode {
 async fn command(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve { .. } => unreachable!("handled in main"),
-        Command::Health { socket, config } => {
+        Command::Health {
+            socket,
+            config,
+            ready,
+        } => {
             let socket = match socket {
                 Some(s) => s,
                 None => match Config::load(config.as_deref()) {
@@ -85,7 +89,7 @@ async fn command(cli: Cli) -> ExitCode {
                     }
                 },
             };
-            match client::health(&socket).await {
+            match client::health(&socket, ready).await {
                 Ok(()) => {
                     println!("ok");
                     ExitCode::SUCCESS
@@ -124,6 +128,42 @@ async fn command(cli: Cli) -> ExitCode {
                 Ok((to_json(&r), wasm_cache::report::purge_summary(&r)))
             })
             .await
+        }
+        Command::Prefetch(args) => {
+            let (socket, (items, secret)) = match (args.socket_path(), args.items()) {
+                (Ok(s), Ok(i)) => (s, i),
+                (Err(e), _) => {
+                    eprintln!("wasm-cache: {e}");
+                    return ExitCode::from(2);
+                }
+                (_, Err(e)) => {
+                    eprintln!("wasm-cache: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let json = args.json;
+            let report = wasm_cache::prefetch::through_socket(
+                &socket,
+                items,
+                secret,
+                args.concurrency.into(),
+                |o| {
+                    if !json {
+                        println!("{}", o.line());
+                    }
+                },
+            )
+            .await;
+            if json {
+                println!("{}", to_json(&report));
+            } else {
+                println!("{}", report.summary());
+            }
+            if report.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Command::Fetch(args) => {
             let (socket, body) = match (args.socket_path(), args.body()) {

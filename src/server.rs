@@ -43,11 +43,20 @@ pub fn router(service: Service) -> Router {
         .route("/v1/fetch", post(fetch))
         .route("/v1/modules/{digest}", get(module))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(no_such_endpoint)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(service)
+}
+
+/// `GET /readyz`: 503 while the warming at start runs (`[prefetch] ready_after`).
+async fn readyz(State(service): State<Service>) -> Response {
+    if service.is_ready() {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "warming\n").into_response()
+    }
 }
 
 /// The answer for an unknown path.

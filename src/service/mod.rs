@@ -157,6 +157,8 @@ struct Inner {
     failures: Failures,
     /// Serve the cached module when re-resolving it fails upstream.
     stale_if_error: bool,
+    /// What `/readyz` says (false while `[prefetch] ready_after` warming runs).
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl Service {
@@ -174,6 +176,7 @@ impl Service {
             inner: Arc::new(Inner {
                 failures: Failures::new(on_failure.negative_ttl, on_failure.negative_ttl),
                 stale_if_error: on_failure.stale_if_error,
+                ready: std::sync::atomic::AtomicBool::new(true),
                 cache,
                 upstream,
                 tenancy: Tenancy::new(key, auth, limits.pull_secret_entries),
@@ -183,6 +186,18 @@ impl Service {
                 limits,
             }),
         }
+    }
+
+    /// Whether `/readyz` answers ready.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets what `/readyz` answers.
+    pub fn set_ready(&self, ready: bool) {
+        self.inner
+            .ready
+            .store(ready, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The bounds on request fields.

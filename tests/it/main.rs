@@ -9,6 +9,7 @@ mod api;
 mod auth;
 mod http_file;
 mod oci;
+mod prefetch;
 mod registry_access;
 mod serving;
 mod ship;

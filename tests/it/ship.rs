@@ -69,6 +69,23 @@ fn kubernetes_manifests_validate_and_agree_with_each_other() {
             config.socket.to_str().unwrap()
         ]
     );
+    // Readiness asks /readyz (held while `[prefetch] ready_after` warming runs).
+    let ready: Vec<&str> = c["readinessProbe"]["exec"]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ready,
+        [
+            "/usr/bin/wasm-cache",
+            "health",
+            "--ready",
+            "--socket",
+            config.socket.to_str().unwrap()
+        ]
+    );
     assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
     assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
     assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");

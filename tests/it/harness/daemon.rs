@@ -174,6 +174,11 @@ impl Daemon {
         self.spawn();
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the daemon is running").id()
+    }
+
     /// The directory `file://` urls may read.
     pub fn files_dir(&self) -> PathBuf {
         self.dir.path().join("files")
