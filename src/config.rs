@@ -132,6 +132,13 @@ pub struct RawAuth {
     pub verify: Option<String>,
     /// How long a verified credential stays verified under `verify = "ttl"`.
     pub verify_ttl: Option<String>,
+    /// The kubelet's `CredentialProviderConfig` (YAML or JSON): plugins run for requests
+    /// without a pull secret.
+    pub credential_provider_config: Option<PathBuf>,
+    /// Where the plugins it names live.
+    pub credential_provider_bin_dir: Option<PathBuf>,
+    /// How long one plugin run may take, e.g. "30s".
+    pub credential_provider_timeout: Option<String>,
 }
 
 /// `[fetch]`.
@@ -342,6 +349,8 @@ pub struct AuthSettings {
     pub allow_credential_helpers: bool,
     /// Re-verification of credentials for cached private modules.
     pub verify: VerifyPolicy,
+    /// Kubelet credential provider plugins (none when not configured).
+    pub providers: std::sync::Arc<crate::auth::provider::Providers>,
 }
 
 /// Registries marked `insecure`, by name or by address range (as Docker's
@@ -667,10 +676,32 @@ impl RawConfig {
                 ));
             }
         };
+        let providers = match (
+            &self.auth.credential_provider_config,
+            &self.auth.credential_provider_bin_dir,
+        ) {
+            (None, None) => crate::auth::provider::Providers::default(),
+            (Some(config), Some(bin_dir)) => {
+                let timeout = duration(
+                    "auth.credential_provider_timeout",
+                    &self.auth.credential_provider_timeout,
+                    Duration::from_secs(30),
+                )?;
+                crate::auth::provider::Providers::load(config, bin_dir, timeout)
+                    .map_err(|m| invalid("auth.credential_provider_config", m))?
+            }
+            _ => {
+                return Err(invalid(
+                    "auth.credential_provider_config",
+                    "credential_provider_config and credential_provider_bin_dir go together",
+                ));
+            }
+        };
         let auth = AuthSettings {
             docker_config: self.auth.docker_config.clone(),
             allow_credential_helpers: self.auth.allow_credential_helpers,
             verify,
+            providers: std::sync::Arc::new(providers),
         };
         let c = &self.cache;
         let expiry = duration(

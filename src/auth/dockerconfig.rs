@@ -140,15 +140,7 @@ impl DockerConfig {
                 credential: Credential::new(user, Secret::new(pass)),
             });
         }
-        // Deterministic order: most specific first (longer path, no glob, longer host).
-        entries.sort_by(|a, b| {
-            b.path
-                .len()
-                .cmp(&a.path.len())
-                .then(a.host.contains('*').cmp(&b.host.contains('*')))
-                .then(b.host.len().cmp(&a.host.len()))
-                .then(a.host.cmp(&b.host))
-        });
+        sort_entries(&mut entries);
         Ok(DockerConfig {
             entries,
             helpers: HelperNames {
@@ -174,6 +166,47 @@ impl DockerConfig {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// Credentials keyed the way config files key them (e.g. a kubelet credential
+    /// provider's `auth` map); no helpers.
+    pub fn from_keyed(keyed: Vec<(String, Credential)>) -> DockerConfig {
+        let mut entries: Vec<Entry> = keyed
+            .into_iter()
+            .filter_map(|(key, credential)| {
+                let (host, port, path) = parse_key(&key);
+                (!host.is_empty()).then_some(Entry {
+                    host,
+                    port,
+                    path,
+                    credential,
+                })
+            })
+            .collect();
+        sort_entries(&mut entries);
+        DockerConfig {
+            entries,
+            helpers: HelperNames::default(),
+        }
+    }
+}
+
+/// Deterministic order: most specific first (longer path, no glob, longer host).
+fn sort_entries(entries: &mut [Entry]) {
+    entries.sort_by(|a, b| {
+        b.path
+            .len()
+            .cmp(&a.path.len())
+            .then(a.host.contains('*').cmp(&b.host.contains('*')))
+            .then(b.host.len().cmp(&a.host.len()))
+            .then(a.host.cmp(&b.host))
+    });
+}
+
+/// Whether `key` (a config key, or a kubelet `matchImages` pattern: host globs, optional
+/// port, optional path prefix) matches `registry` and `repository`.
+pub fn key_matches(key: &str, registry: &str, repository: &str) -> bool {
+    let (host, port, path) = parse_key(key);
+    !host.is_empty() && matches_parts(&host, port.as_deref(), &path, registry, repository)
 }
 
 /// A key as it may appear in messages: the host and path, never anything else.
@@ -203,18 +236,28 @@ fn parse_key(key: &str) -> (String, Option<String>, String) {
 
 impl Entry {
     fn matches(&self, registry: &str, repository: &str) -> bool {
-        let (host, port) = split_port(registry);
-        if self.port.as_deref() != port {
-            return false;
-        }
-        if !glob_host(&self.host, host) {
-            return false;
-        }
-        if self.path.is_empty() {
-            return true;
-        }
-        repository == self.path || repository.starts_with(&format!("{}/", self.path))
+        matches_parts(
+            &self.host,
+            self.port.as_deref(),
+            &self.path,
+            registry,
+            repository,
+        )
     }
+}
+
+fn matches_parts(
+    host_glob: &str,
+    port: Option<&str>,
+    path: &str,
+    registry: &str,
+    repository: &str,
+) -> bool {
+    let (host, reg_port) = split_port(registry);
+    if port != reg_port || !glob_host(host_glob, host) {
+        return false;
+    }
+    path.is_empty() || repository == path || repository.starts_with(&format!("{path}/"))
 }
 
 /// Kubernetes host globbing: the same number of dot-separated parts, each matched with `*`

@@ -9,6 +9,7 @@
 pub mod dockerconfig;
 pub mod helper;
 pub mod node;
+pub mod provider;
 
 use std::fmt;
 use std::io::Read;

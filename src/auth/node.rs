@@ -21,21 +21,42 @@ pub struct NodeCredentials {
     /// The parsed file and the modification time it was read at (it is consulted on every
     /// OCI request without a pull secret, cache hits included).
     parsed: Mutex<Option<(SystemTime, DockerConfig)>>,
+    /// Kubelet credential provider plugins, asked after the file.
+    providers: std::sync::Arc<super::provider::Providers>,
 }
 
 impl NodeCredentials {
-    /// Credentials from `path`, running helpers only when `allow_helpers`.
-    pub fn new(path: Option<PathBuf>, allow_helpers: bool) -> Self {
+    /// Credentials from `path`, running helpers only when `allow_helpers`, then from
+    /// `providers`.
+    pub fn new(
+        path: Option<PathBuf>,
+        allow_helpers: bool,
+        providers: std::sync::Arc<super::provider::Providers>,
+    ) -> Self {
         NodeCredentials {
             path,
             allow_helpers,
             parsed: Mutex::new(None),
+            providers,
         }
     }
 
-    /// The candidate credentials for `r`, most specific first; empty when there are none or
-    /// the file cannot be read (logged).
+    /// The candidate credentials for `r`, most specific first: the file's (or its helper's),
+    /// then the credential providers'; empty when there are none (failures are logged).
     pub async fn for_ref(&self, r: &OciRef) -> Vec<Credential> {
+        let mut creds = self.file_credentials(r).await;
+        if !self.providers.is_empty() {
+            for c in self.providers.for_ref(r).await {
+                if !creds.contains(&c) {
+                    creds.push(c);
+                }
+            }
+        }
+        creds
+    }
+
+    /// The candidates from the credentials file and its helpers.
+    async fn file_credentials(&self, r: &OciRef) -> Vec<Credential> {
         let Some(cfg) = self.config().await else {
             return Vec::new();
         };

@@ -83,7 +83,11 @@ impl Tenancy {
             key,
             max_secret_entries,
             verify: auth.verify,
-            node: NodeCredentials::new(auth.docker_config.clone(), auth.allow_credential_helpers),
+            node: NodeCredentials::new(
+                auth.docker_config.clone(),
+                auth.allow_credential_helpers,
+                std::sync::Arc::clone(&auth.providers),
+            ),
         }
     }
 

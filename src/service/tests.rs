@@ -288,6 +288,7 @@ fn open(
         docker_config: None,
         allow_credential_helpers: false,
         verify,
+        providers: Default::default(),
     };
     let upstream: Arc<dyn Upstream> = fake.clone();
     (

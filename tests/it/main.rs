@@ -10,6 +10,7 @@ mod auth;
 mod http_file;
 mod oci;
 mod prefetch;
+mod providers;
 mod registry_access;
 mod serving;
 mod ship;
