@@ -30,8 +30,8 @@ pub struct RawConfig {
     pub max_module_size: Option<String>,
     /// Upstream fetch settings.
     pub fetch: RawFetch,
-    /// Per-registry settings keyed by `host[:port]`.
-    pub registries: HashMap<String, RawRegistry>,
+    /// Per-registry settings keyed by `host[:port]`, and containerd's hosts directory.
+    pub registries: RawRegistries,
     /// Extra trusted roots.
     pub tls: RawTls,
     /// `file://` settings.
@@ -167,12 +167,25 @@ pub struct RawFetch {
     pub negative_ttl: Option<String>,
 }
 
+/// `[registries]`: `config_path` and `[registries."HOST:PORT"]` tables.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRegistries {
+    /// containerd's registry hosts directory (`<host>/hosts.toml`, `_default/hosts.toml`).
+    #[serde(default)]
+    pub config_path: Option<PathBuf>,
+    /// Per-registry settings.
+    #[serde(flatten)]
+    pub hosts: HashMap<String, RawRegistry>,
+}
+
 /// `[registries."HOST:PORT"]`.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawRegistry {
     /// Allow plain HTTP and unverified TLS for this registry.
     pub insecure: bool,
+    /// Mirrors tried before the registry, e.g. `["https://mirror.internal:5000"]`.
+    pub mirrors: Vec<String>,
 }
 
 /// `[tls]`.
@@ -216,6 +229,10 @@ pub struct Config {
     pub fetch: FetchSettings,
     /// Registries allowed over plain HTTP / unverified TLS: `host[:port]` names and IP ranges.
     pub insecure_registries: InsecureRegistries,
+    /// containerd's registry hosts directory (`[registries] config_path`).
+    pub registry_hosts_dir: Option<PathBuf>,
+    /// Mirrors listed in `[registries."host"] mirrors`, by registry.
+    pub registry_mirrors: HashMap<String, Vec<String>>,
     /// PEM bytes of extra trusted roots, read once at start.
     pub ca_pems: Vec<(PathBuf, Vec<u8>)>,
     /// Canonicalised roots `file://` urls may read from.
@@ -650,7 +667,7 @@ impl RawConfig {
             file_roots.push(canon);
         }
         let mut insecure_registries = InsecureRegistries::default();
-        for (key, r) in &self.registries {
+        for (key, r) in &self.registries.hosts {
             if !r.insecure {
                 continue;
             }
@@ -857,6 +874,14 @@ impl RawConfig {
             max_module_size,
             fetch,
             insecure_registries,
+            registry_hosts_dir: self.registries.config_path.clone(),
+            registry_mirrors: self
+                .registries
+                .hosts
+                .iter()
+                .filter(|(_, r)| !r.mirrors.is_empty())
+                .map(|(k, r)| (k.to_ascii_lowercase(), r.mirrors.clone()))
+                .collect(),
             ca_pems,
             file_roots,
             allow_cidrs: self.network.allow_cidrs,

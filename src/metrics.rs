@@ -43,6 +43,8 @@ pub struct Metrics {
     pub negative_hits: IntCounter,
     /// Background retries of remembered failures, by result (success or an error code).
     pub background_retries: IntCounterVec,
+    /// Modules served by a registry mirror, by mirror.
+    pub mirror_served: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -148,6 +150,11 @@ impl Metrics {
                 "wasm_cache_background_retries_total",
                 "Background retries of recently failed fetches, by result.",
                 &["result"],
+            ),
+            mirror_served: counter_vec(
+                "wasm_cache_mirror_served_total",
+                "Modules downloaded from a registry mirror instead of the registry, by mirror.",
+                &["mirror"],
             ),
             index_damaged: counter(
                 "wasm_cache_index_damaged_total",

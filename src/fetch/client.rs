@@ -15,6 +15,18 @@ use crate::source::redact_for_error;
 /// Builds a client whose every connection passes the network guard, trusting the
 /// configured extra roots; `insecure` also accepts any certificate.
 pub fn build_client(config: &Config, guard: &Arc<NetGuard>, insecure: bool) -> Result<Client> {
+    build_client_with(config, guard, insecure, Vec::new(), None)
+}
+
+/// As [`build_client`], also trusting `extra_roots` and presenting `identity` (a registry
+/// mirror's `ca` and `client` from hosts.toml).
+pub fn build_client_with(
+    config: &Config,
+    guard: &Arc<NetGuard>,
+    insecure: bool,
+    extra_roots: Vec<reqwest::Certificate>,
+    identity: Option<reqwest::Identity>,
+) -> Result<Client> {
     let redirect_guard = Arc::clone(guard);
     let policy = reqwest::redirect::Policy::custom(move |attempt| {
         if attempt.previous().len() >= 10 {
@@ -34,7 +46,10 @@ pub fn build_client(config: &Config, guard: &Arc<NetGuard>, insecure: bool) -> R
         .connect_timeout(config.fetch.request_timeout)
         .read_timeout(config.fetch.request_timeout)
         .dns_resolver(guard.resolver());
-    let mut certs = Vec::new();
+    let mut certs = extra_roots;
+    if let Some(id) = identity {
+        b = b.identity(id);
+    }
     for (path, pem) in &config.ca_pems {
         let bundle = reqwest::Certificate::from_pem_bundle(pem)
             .map_err(|e| Error::internal(&format!("loading CA file {}", path.display()), e))?;

@@ -42,6 +42,8 @@ pub struct Fetched {
     pub credential: Option<Credential>,
     /// http(s): the response's `ETag`, for a conditional re-check.
     pub etag: Option<String>,
+    /// OCI: the mirror that served the module (`host[:port]`), when not the registry itself.
+    pub served_by: Option<String>,
 }
 
 impl Fetched {
@@ -52,6 +54,7 @@ impl Fetched {
             digest,
             size,
             image_digest: None,
+            served_by: None,
             index_digest: None,
             credential: None,
             etag: None,
@@ -169,6 +172,13 @@ impl Fetchers {
         ));
         let secure = client::build_client(config, &guard, false)?;
         let insecure = client::build_client(config, &guard, true)?;
+        let mirrors = oci::hosts::load(
+            config.registry_hosts_dir.as_deref(),
+            &config.registry_mirrors,
+            &|roots, identity, skip_verify| {
+                client::build_client_with(config, &guard, skip_verify, roots, identity)
+            },
+        )?;
         Ok(Fetchers {
             http: http::HttpFetcher::new(secure.clone(), Arc::clone(&guard), config, store.clone()),
             file: file::FileFetcher::new(
@@ -176,7 +186,7 @@ impl Fetchers {
                 config.max_module_size,
                 store.clone(),
             ),
-            oci: oci::OciFetcher::new(secure, insecure, guard, config, store),
+            oci: oci::OciFetcher::new(secure, insecure, Arc::clone(&guard), config, store, mirrors),
             total_timeout: config.fetch.total_timeout,
             slots: Arc::new(tokio::sync::Semaphore::new(config.fetch.max_concurrent)),
             queued: metrics.upstream_queued.clone(),

@@ -646,6 +646,18 @@ impl Service {
                     .await
             }
         };
+        if let Ok(Fetched {
+            served_by: Some(mirror),
+            ..
+        }) = &fetched
+        {
+            self.inner
+                .metrics
+                .mirror_served
+                .with_label_values(&[mirror.as_str()])
+                .inc();
+            tracing::info!(url = %req.source, mirror = %mirror, "served by a registry mirror");
+        }
         let checked = match (fetched, &req.source) {
             (Ok(f), Source::Oci(r)) => {
                 let grant = tenancy.grant_for(r, f.credential.as_ref());

@@ -8,6 +8,7 @@ mod admin;
 mod api;
 mod auth;
 mod http_file;
+mod mirrors;
 mod oci;
 mod prefetch;
 mod providers;

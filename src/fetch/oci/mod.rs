@@ -9,6 +9,7 @@
 //! indexes and the choice among them; `blob`: layer streaming.
 
 mod blob;
+pub mod hosts;
 mod manifest;
 mod session;
 
@@ -67,6 +68,9 @@ pub struct OciFetcher {
     store: Store,
     /// Bearer tokens by (registry, repository, credential fingerprint), with their expiry.
     tokens: Mutex<HashMap<String, (String, Instant)>>,
+    /// Registry mirrors (containerd's hosts.toml and `[registries."host"] mirrors`), tried
+    /// before the registry itself for requests without credentials.
+    mirrors: hosts::Mirrors,
 }
 
 impl OciFetcher {
@@ -77,8 +81,10 @@ impl OciFetcher {
         guard: Arc<NetGuard>,
         config: &Config,
         store: Store,
+        mirrors: hosts::Mirrors,
     ) -> Self {
         OciFetcher {
+            mirrors,
             secure,
             insecure,
             insecure_registries: config.insecure_registries.clone(),
@@ -93,7 +99,25 @@ impl OciFetcher {
 
     /// The digest the reference points at now: HEAD on the manifest, falling back to GET.
     pub async fn resolve(&self, r: &OciRef, creds: &[Credential]) -> Result<Authorized<Digest>> {
-        let mut s = self.authorized_session(r, creds).await?;
+        for ep in self
+            .mirrors_for(r, creds)
+            .filter(|ep| ep.resolve || r.digest.is_some())
+        {
+            let attempt = async {
+                let s = self.mirror_session(ep, r)?;
+                self.resolve_at(s, r).await
+            };
+            match attempt.await {
+                Ok(found) => return Ok(found),
+                Err(e) => mirror_failed(ep, r, &e),
+            }
+        }
+        let s = self.authorized_session(r, creds).await?;
+        self.resolve_at(s, r).await
+    }
+
+    /// Resolves `r` on session `s`.
+    async fn resolve_at(&self, mut s: Session<'_>, r: &OciRef) -> Result<Authorized<Digest>> {
         let reference = r.manifest_reference();
         let resp = self
             .request(
@@ -129,7 +153,62 @@ impl OciFetcher {
         known: &dyn KnownBlobs,
         creds: &[Credential],
     ) -> Result<Fetched> {
-        let mut s = self.authorized_session(r, creds).await?;
+        let mirrors: Vec<&hosts::Endpoint> =
+            self.mirrors_for(r, creds).filter(|ep| ep.pull).collect();
+        if mirrors.is_empty() {
+            let s = self.authorized_session(r, creds).await?;
+            return self.fetch_at(s, r, source, known).await;
+        }
+        // A mirror that may not resolve tags serves the tag's digest, resolved first.
+        let mut target = r.clone();
+        if r.digest.is_none() && mirrors.iter().any(|ep| !ep.resolve) {
+            target.digest = Some(self.resolve(r, creds).await?.value);
+        }
+        for ep in mirrors {
+            if target.digest.is_none() && !ep.resolve {
+                continue;
+            }
+            let attempt = async {
+                let s = self.mirror_session(ep, &target)?;
+                self.fetch_at(s, &target, source, known).await
+            };
+            match attempt.await {
+                Ok(f) => {
+                    return Ok(Fetched {
+                        served_by: Some(ep.name.clone()),
+                        ..f
+                    });
+                }
+                Err(e) => mirror_failed(ep, &target, &e),
+            }
+        }
+        let s = self.authorized_session(r, creds).await?;
+        self.fetch_at(s, &target, source, known).await
+    }
+
+    /// The mirrors to try for a request with `creds`: none when it has credentials (a
+    /// credential is sent only to the registry it was issued for).
+    fn mirrors_for<'a>(
+        &'a self,
+        r: &OciRef,
+        creds: &[Credential],
+    ) -> impl Iterator<Item = &'a hosts::Endpoint> + 'a {
+        let list: &[hosts::Endpoint] = if creds.is_empty() {
+            self.mirrors.of(&r.registry)
+        } else {
+            &[]
+        };
+        list.iter()
+    }
+
+    /// Fetches `r` on session `s`.
+    async fn fetch_at(
+        &self,
+        mut s: Session<'_>,
+        r: &OciRef,
+        source: &str,
+        known: &dyn KnownBlobs,
+    ) -> Result<Fetched> {
         let mut reference = r.manifest_reference();
         let mut index_digest = None;
         for depth in 0..=MAX_INDEX_DEPTH {
@@ -167,6 +246,7 @@ impl OciFetcher {
                         index_digest,
                         credential: s.cred,
                         etag: None,
+                        served_by: None,
                     });
                 }
                 other => {
@@ -281,6 +361,24 @@ impl OciFetcher {
     ) -> Result<Option<Credential>> {
         let mut pinned = r.clone();
         pinned.digest = Some(*digest);
+        // Anonymous access: what the node's mirrors serve anonymously, every caller on the
+        // node can pull through them anyway.
+        for ep in self.mirrors_for(r, creds) {
+            let attempt = async {
+                let mut s = self.mirror_session(ep, &pinned)?;
+                self.request(
+                    &mut s,
+                    Method::HEAD,
+                    &format!("manifests/{digest}"),
+                    ACCEPT_MANIFESTS,
+                )
+                .await
+            };
+            match attempt.await {
+                Ok(_) => return Ok(None),
+                Err(e) => mirror_failed(ep, &pinned, &e),
+            }
+        }
         let mut last = None;
         let candidates: Vec<Option<&Credential>> = if creds.is_empty() {
             vec![None]
@@ -312,4 +410,16 @@ impl OciFetcher {
             format!("the registry did not confirm access to {r}: {}", e.message),
         ))
     }
+}
+
+/// Logs a mirror's failure; the next host is tried.
+fn mirror_failed(ep: &hosts::Endpoint, r: &OciRef, e: &Error) {
+    tracing::warn!(
+        registry = %r.registry,
+        repository = %r.repository,
+        mirror = %ep.name,
+        code = e.code.as_str(),
+        error = %e.message,
+        "mirror failed; trying the next host"
+    );
 }

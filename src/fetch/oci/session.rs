@@ -48,6 +48,8 @@ pub(super) struct Session<'a> {
     /// An insecure registry's host whose scheme was guessed (HTTPS failed, so plain HTTP):
     /// remembered only once the registry answers on it.
     pub(super) unconfirmed_scheme: Option<String>,
+    /// A mirror's headers and the registry it stands for (sent as `?ns=`).
+    pub(super) mirror: Option<(&'a reqwest::header::HeaderMap, String)>,
 }
 
 impl OciFetcher {
@@ -90,6 +92,33 @@ impl OciFetcher {
             cred: cred.cloned(),
             basic: false,
             unconfirmed_scheme: (!confirmed).then_some(host),
+            mirror: None,
+        }
+        .with_cached_token(self))
+    }
+
+    /// An anonymous session for `r` at mirror `ep` (its client, path, headers and `?ns=`).
+    pub(super) fn mirror_session<'a>(
+        &'a self,
+        ep: &'a super::hosts::Endpoint,
+        r: &OciRef,
+    ) -> Result<Session<'a>> {
+        let base = ep
+            .api
+            .join(&format!("{}/", r.repository))
+            .map_err(|e| Error::invalid(format!("invalid mirror path {}: {e}", ep.name)))?;
+        self.guard.check_url(&base)?;
+        Ok(Session {
+            client: &ep.client,
+            base,
+            registry: format!("{} (mirror {})", r.registry, ep.name),
+            repository: r.repository.clone(),
+            token_key: format!("mirror|{}|{}|{}", ep.name, r.registry, r.repository),
+            token: None,
+            cred: None,
+            basic: false,
+            unconfirmed_scheme: None,
+            mirror: Some((&ep.headers, r.registry.clone())),
         }
         .with_cached_token(self))
     }
@@ -161,11 +190,20 @@ impl OciFetcher {
         accept: &str,
     ) -> Result<Response> {
         let mut answered = false;
+        // A mirror gets one attempt: the next host is a better retry than the same one.
+        let mirror_settings;
+        let settings = if s.mirror.is_some() {
+            mirror_settings = crate::config::FetchSettings {
+                retries: 0,
+                ..self.settings.clone()
+            };
+            &mirror_settings
+        } else {
+            &self.settings
+        };
         loop {
-            let resp = with_retries(&self.settings, || {
-                self.send_once(s, method.clone(), path, accept)
-            })
-            .await?;
+            let resp =
+                with_retries(settings, || self.send_once(s, method.clone(), path, accept)).await?;
             // The registry answered over plain HTTP: that guess is now a fact.
             if let Some(host) = s.unconfirmed_scheme.take() {
                 self.remember_scheme(&host, "http");
@@ -211,11 +249,17 @@ impl OciFetcher {
         path: &str,
         accept: &str,
     ) -> std::result::Result<Response, Attempt> {
-        let url = s
+        let mut url = s
             .base
             .join(path)
             .map_err(|e| Attempt::from(Error::invalid(format!("bad registry path {path}: {e}"))))?;
+        if let Some((_, ns)) = &s.mirror {
+            url.query_pairs_mut().append_pair("ns", ns);
+        }
         let mut req = s.client.request(method, url.clone()).header(ACCEPT, accept);
+        if let Some((headers, _)) = &s.mirror {
+            req = req.headers((*headers).clone());
+        }
         if let Some(t) = &s.token {
             req = req.header(AUTHORIZATION, format!("Bearer {t}"));
         } else if let (true, Some(c)) = (s.basic, &s.cred) {
@@ -450,7 +494,14 @@ mod tests {
         let store = crate::cache::store::Store::open(dir.path()).unwrap();
         let guard = std::sync::Arc::new(crate::netguard::NetGuard::new(vec![], vec![]));
         let client = crate::fetch::client::build_client(&config, &guard, false).unwrap();
-        let f = OciFetcher::new(client.clone(), client, guard, &config, store);
+        let f = OciFetcher::new(
+            client.clone(),
+            client,
+            guard,
+            &config,
+            store,
+            Default::default(),
+        );
         for i in 0..10_000 {
             f.cache_token(&format!("reg|repo{i}|cred"), "t", Duration::ZERO);
         }

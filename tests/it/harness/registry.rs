@@ -24,6 +24,8 @@ pub struct RegistryOpts {
     pub token_realm: Option<String>,
     /// Listen on this loopback port instead of a free one.
     pub port: Option<u16>,
+    /// Run as a pull-through cache (distribution's proxy mode) of this registry url.
+    pub proxy_remote: Option<String>,
 }
 
 impl Registry {
@@ -68,6 +70,9 @@ impl Registry {
                 "auth:\n  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
                 pki().signer_cert.display()
             ));
+        }
+        if let Some(remote) = &opts.proxy_remote {
+            yaml.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
         }
         std::fs::write(&config, yaml).unwrap();
         let bin = which("docker-registry");
