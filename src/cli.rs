@@ -142,6 +142,14 @@ pub struct PrefetchArgs {
     /// Print one JSON report instead of progress lines.
     #[arg(long)]
     pub json: bool,
+    /// Where the daemon's socket is.
+    #[command(flatten)]
+    pub daemon: SocketArgs,
+}
+
+/// How to reach the proxies' socket.
+#[derive(Debug, Args)]
+pub struct SocketArgs {
     /// The daemon's socket.
     #[arg(long, conflicts_with = "config", env = "WASM_CACHE_SOCKET")]
     pub socket: Option<PathBuf>,
@@ -150,7 +158,7 @@ pub struct PrefetchArgs {
     pub config: Option<PathBuf>,
 }
 
-impl PrefetchArgs {
+impl SocketArgs {
     /// The socket to talk to: `--socket`, else the config's, else the default.
     pub fn socket_path(&self) -> Result<PathBuf, ConfigError> {
         if let Some(s) = &self.socket {
@@ -158,7 +166,17 @@ impl PrefetchArgs {
         }
         Ok(Config::load(self.config.as_deref())?.socket)
     }
+}
 
+/// The `.dockerconfigjson` payload in the file at `path`, if one is given.
+fn read_pull_secret(path: Option<&std::path::Path>) -> Result<Option<Secret>, String> {
+    let Some(p) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| format!("reading pull secret {}: {e}", p.display()))?;
+    Ok(Some(Secret::new(text.trim())))
+}
+
+impl PrefetchArgs {
     /// The modules to warm (urls first, then the manifests' plugins) and the pull secret.
     pub fn items(&self) -> Result<(Vec<crate::prefetch::Item>, Option<Secret>), String> {
         let mut items: Vec<_> = self
@@ -172,15 +190,7 @@ impl PrefetchArgs {
         if items.is_empty() {
             return Err("nothing to prefetch: give urls or -f manifests".into());
         }
-        let secret = match &self.pull_secret {
-            None => None,
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| format!("reading pull secret {}: {e}", p.display()))?;
-                Some(Secret::new(text.trim()))
-            }
-        };
-        Ok((items, secret))
+        Ok((items, read_pull_secret(self.pull_secret.as_deref())?))
     }
 }
 
@@ -207,33 +217,15 @@ pub struct FetchArgs {
     /// Write the module to this file instead of printing the JSON answer.
     #[arg(short, long)]
     pub output: Option<PathBuf>,
-    /// The daemon's socket.
-    #[arg(long, conflicts_with = "config", env = "WASM_CACHE_SOCKET")]
-    pub socket: Option<PathBuf>,
-    /// Read the socket path from this config file.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    /// Where the daemon's socket is.
+    #[command(flatten)]
+    pub daemon: SocketArgs,
 }
 
 impl FetchArgs {
-    /// The socket to talk to: `--socket`, else the config's, else the default.
-    pub fn socket_path(&self) -> Result<PathBuf, ConfigError> {
-        if let Some(s) = &self.socket {
-            return Ok(s.clone());
-        }
-        Ok(Config::load(self.config.as_deref())?.socket)
-    }
-
     /// The body for `POST /v1/fetch`.
     pub fn body(&self) -> Result<FetchBody, String> {
-        let pull_secret = match &self.pull_secret {
-            None => None,
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| format!("reading pull secret {}: {e}", p.display()))?;
-                Some(Secret::new(text.trim()))
-            }
-        };
+        let pull_secret = read_pull_secret(self.pull_secret.as_deref())?;
         Ok(FetchBody {
             url: self.url.clone(),
             sha256: self.sha256.clone(),

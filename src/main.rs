@@ -130,16 +130,11 @@ async fn command(cli: Cli) -> ExitCode {
             .await
         }
         Command::Prefetch(args) => {
-            let (socket, (items, secret)) = match (args.socket_path(), args.items()) {
-                (Ok(s), Ok(i)) => (s, i),
-                (Err(e), _) => {
-                    eprintln!("wasm-cache: {e}");
-                    return ExitCode::from(2);
-                }
-                (_, Err(e)) => {
-                    eprintln!("wasm-cache: {e}");
-                    return ExitCode::from(2);
-                }
+            let (socket, (items, secret)) = match usage(args.daemon.socket_path())
+                .and_then(|s| Ok((s, usage(args.items())?)))
+            {
+                Ok(x) => x,
+                Err(code) => return code,
             };
             let json = args.json;
             let report = wasm_cache::prefetch::through_socket(
@@ -166,17 +161,11 @@ async fn command(cli: Cli) -> ExitCode {
             }
         }
         Command::Fetch(args) => {
-            let (socket, body) = match (args.socket_path(), args.body()) {
-                (Ok(s), Ok(b)) => (s, b),
-                (Err(e), _) => {
-                    eprintln!("wasm-cache: {e}");
-                    return ExitCode::from(2);
-                }
-                (_, Err(e)) => {
-                    eprintln!("wasm-cache: {e}");
-                    return ExitCode::from(2);
-                }
-            };
+            let (socket, body) =
+                match usage(args.daemon.socket_path()).and_then(|s| Ok((s, usage(args.body())?))) {
+                    Ok(x) => x,
+                    Err(code) => return code,
+                };
             match client::fetch(&socket, &body, args.output.as_deref()).await {
                 Ok(FetchOutput::Answer(a)) => {
                     println!("{}", to_json(&a));
@@ -195,6 +184,14 @@ async fn command(cli: Cli) -> ExitCode {
             }
         }
     }
+}
+
+/// A usage error (bad flags, unreadable files) is printed and exits 2.
+fn usage<T, E: std::fmt::Display>(r: Result<T, E>) -> Result<T, ExitCode> {
+    r.map_err(|e| {
+        eprintln!("wasm-cache: {e}");
+        ExitCode::from(2)
+    })
 }
 
 /// An answer as pretty JSON (what `--json` prints).
