@@ -25,6 +25,10 @@ const MAX_STDOUT: u64 = 1 << 20;
 const MAX_STDERR: u64 = 4 << 10;
 /// Cache entries kept per provider.
 const MAX_CACHE: usize = 1024;
+/// Shortest time an answer is kept, even one that asks not to be cached: every request
+/// without a pull secret consults the providers, cache hits included, and must not run a
+/// plugin each time.
+const MIN_CACHE: Duration = Duration::from_secs(10);
 /// API versions of the exec protocol a provider may speak.
 const API_VERSIONS: [&str; 3] = [
     "credentialprovider.kubelet.k8s.io/v1",
@@ -233,7 +237,8 @@ impl Provider {
             .cache_duration
             .as_deref()
             .and_then(go_duration)
-            .unwrap_or(self.default_cache);
+            .unwrap_or(self.default_cache)
+            .max(MIN_CACHE);
         let creds = DockerConfig::from_keyed(
             resp.auth
                 .into_iter()
@@ -241,7 +246,7 @@ impl Provider {
                 .collect(),
         );
         let found = creds.matching(&r.registry, &r.repository);
-        if !ttl.is_zero() {
+        {
             let key = match resp.cache_key_type.as_str() {
                 "Registry" => r.registry.clone(),
                 "Global" => String::new(),
