@@ -146,6 +146,9 @@ pub struct ModuleInfo {
     pub pulled_at: u64,
     /// True when some source it comes from may be read by anyone.
     pub public: bool,
+    /// The id of the key that verified its signature, when a policy checked it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<String>,
 }
 
 impl ModuleInfo {

@@ -48,6 +48,16 @@ pub struct RawConfig {
     pub server: RawServer,
     /// Modules warmed at start and on SIGHUP.
     pub prefetch: RawPrefetch,
+    /// Signature policies.
+    pub signatures: RawSignatures,
+}
+
+/// `[signatures]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawSignatures {
+    /// `[[signatures.policy]]` entries.
+    pub policy: Vec<crate::signature::RawPolicy>,
 }
 
 /// `[prefetch]`.
@@ -259,6 +269,8 @@ pub struct Config {
     pub worker_threads: Option<usize>,
     /// What is warmed at start and on SIGHUP.
     pub prefetch: PrefetchSettings,
+    /// Signature policies with their keys.
+    pub signatures: std::sync::Arc<crate::signature::Policies>,
 }
 
 /// `[prefetch]`, validated.
@@ -858,10 +870,13 @@ impl RawConfig {
             wasmplugin_dirs: p.wasmplugin_dirs,
             ready_after: p.ready_after,
         };
+        let signatures = crate::signature::Policies::load(&self.signatures.policy)
+            .map_err(|m| invalid("signatures.policy", m))?;
         Ok(Config {
             conn,
             worker_threads,
             prefetch,
+            signatures: std::sync::Arc::new(signatures),
             limits,
             metrics_addr: self.metrics_addr,
             log_json,

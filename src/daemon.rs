@@ -106,8 +106,11 @@ pub fn build_service(config: &Config) -> Result<Service, crate::error::Error> {
         Arc::new(fetchers),
         key,
         &config.auth,
-        config.limits,
-        config.fetch.failures,
+        crate::service::Settings {
+            limits: config.limits,
+            failures: config.fetch.failures,
+            signatures: std::sync::Arc::clone(&config.signatures),
+        },
         metrics,
     ))
 }

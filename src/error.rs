@@ -35,6 +35,8 @@ pub enum Code {
     /// The cache's filesystem is full (ENOSPC, EDQUOT): nothing was kept; retry once space
     /// is free.
     StorageFull,
+    /// A signature policy applies and no configured key verified the module's signature.
+    SignatureInvalid,
     /// Something failed on this node (an I/O error, a bug).
     Internal,
 }
@@ -55,6 +57,7 @@ impl Code {
             Code::UpstreamError => "upstream_error",
             Code::Timeout => "timeout",
             Code::StorageFull => "storage_full",
+            Code::SignatureInvalid => "signature_invalid",
             Code::Internal => "internal",
         }
     }
@@ -63,7 +66,7 @@ impl Code {
     pub fn status(self) -> u16 {
         match self {
             Code::InvalidRequest | Code::UnsupportedScheme => 400,
-            Code::Forbidden | Code::AccessDenied => 403,
+            Code::Forbidden | Code::AccessDenied | Code::SignatureInvalid => 403,
             Code::NotFound | Code::NotPresent => 404,
             Code::ChecksumMismatch | Code::InvalidModule | Code::TooLarge => 422,
             Code::UpstreamError => 502,

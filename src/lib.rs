@@ -19,7 +19,8 @@
 //! - [`fetch`]: the [`fetch::Upstream`] trait the service depends on, and its fetchers
 //!   (`oci` with its sessions, manifests and blobs; `http`; `file`), gzip/tar unwrapping,
 //!   retries; [`netguard`]: which addresses the daemon may connect to.
-//! - [`verify`]: Wasm validation; [`digest`]: sha256 parsing and hashing.
+//! - [`verify`]: Wasm validation; [`digest`]: sha256 parsing and hashing; [`signature`]:
+//!   cosign signatures checked against the keys of `[[signatures.policy]]`.
 //! - [`cache`]: content-addressed blobs with crash-safe writes ([`cache::store`]), the
 //!   transactional index ([`cache::index`], redb), the hot set hits are served from
 //!   ([`cache::hot`]: small modules in memory, large ones as open files), and the lifecycle
@@ -57,6 +58,7 @@ mod properties;
 pub mod report;
 pub mod server;
 pub mod service;
+pub mod signature;
 pub mod singleflight;
 pub mod source;
 pub mod testkit;

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub background_retries: IntCounterVec,
     /// Modules served by a registry mirror, by mirror.
     pub mirror_served: IntCounterVec,
+    /// Signature checks by result: verified, warned (failed under `warn`), refused.
+    pub signatures: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -149,6 +151,11 @@ impl Metrics {
             background_retries: counter_vec(
                 "wasm_cache_background_retries_total",
                 "Background retries of recently failed fetches, by result.",
+                &["result"],
+            ),
+            signatures: counter_vec(
+                "wasm_cache_signature_verifications_total",
+                "Signature checks by result (verified, warned, refused).",
                 &["result"],
             ),
             mirror_served: counter_vec(

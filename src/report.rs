@@ -40,18 +40,19 @@ pub fn modules_table(modules: &[ModuleInfo]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<71}  {:>10}  {:>10}  {:>10}  {:<7}  SOURCES",
-        "DIGEST", "SIZE", "LAST USED", "PULLED", "ACCESS"
+        "{:<71}  {:>10}  {:>10}  {:>10}  {:<7}  {:<16}  SOURCES",
+        "DIGEST", "SIZE", "LAST USED", "PULLED", "ACCESS", "SIGNED"
     );
     for m in modules {
         let _ = writeln!(
             out,
-            "{:<71}  {:>10}  {:>10}  {:>10}  {:<7}  {}",
+            "{:<71}  {:>10}  {:>10}  {:>10}  {:<7}  {:<16}  {}",
             m.digest.to_string(),
             bytes(m.size),
             ago(m.last_used),
             ago(Some(m.pulled_at)),
             if m.public { "public" } else { "private" },
+            m.signed.as_deref().unwrap_or("-"),
             m.locations.join(", ")
         );
     }

@@ -67,6 +67,20 @@ pub struct Record {
     /// (drives `Always`).
     #[serde(default)]
     pub versions: BTreeMap<String, String>,
+    /// The signature check a policy made, when one applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<SignatureCheck>,
+}
+
+/// What a signature policy found for a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignatureCheck {
+    /// The policy's key set at the time (a record checked under another key set is checked
+    /// again before it is served).
+    pub keyset: String,
+    /// The id of the key that verified it; `None`: unsigned, served under `warn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 impl Record {
@@ -631,6 +645,11 @@ impl Index {
         found
     }
 
+    /// The records that map to `module`.
+    pub fn records_of_module(&self, module: &Digest) -> Vec<Record> {
+        self.lock().of_module(module).cloned().collect()
+    }
+
     /// The newest time credential `id` was accepted for a source holding `module`.
     pub fn credential_verified_for_module(&self, module: &Digest, id: &str) -> Option<u64> {
         let st = self.lock();
@@ -672,7 +691,11 @@ impl Index {
                 last_used: st.used.get(&r.module).copied(),
                 pulled_at: r.fetched_at,
                 public: false,
+                signed: None,
             });
+            if let Some(key) = r.signature.as_ref().and_then(|c| c.key.clone()) {
+                e.signed = Some(key);
+            }
             e.locations.push(r.location.clone());
             e.pulled_at = e.pulled_at.min(r.fetched_at);
             e.public |= public;
@@ -784,6 +807,7 @@ mod tests {
 
     fn record(location: &str, module: Digest) -> Record {
         Record {
+            signature: None,
             location: location.into(),
             source: "oci://r/x".into(),
             module,

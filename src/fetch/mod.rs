@@ -114,6 +114,15 @@ pub trait Upstream: Send + Sync + std::fmt::Debug + 'static {
         url: &'a reqwest::Url,
         etag: &'a str,
     ) -> BoxFuture<'a, Result<Option<Fetched>>>;
+
+    /// The cosign simple-signing signatures of manifest `digest` in `r`'s repository (the
+    /// manifest tagged `sha256-<hex>.sig`); empty when there is none.
+    fn signatures<'a>(
+        &'a self,
+        r: &'a OciRef,
+        digest: &'a Digest,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<Vec<crate::signature::SimpleSignature>>>;
 }
 
 impl Upstream for Fetchers {
@@ -149,6 +158,20 @@ impl Upstream for Fetchers {
         etag: &'a str,
     ) -> BoxFuture<'a, Result<Option<Fetched>>> {
         self.fetch_http_if_changed(url, etag).boxed()
+    }
+
+    fn signatures<'a>(
+        &'a self,
+        r: &'a OciRef,
+        digest: &'a Digest,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<Vec<crate::signature::SimpleSignature>>> {
+        async move {
+            let source = Source::Oci(r.clone());
+            self.bounded(&source, self.oci.signatures(r, digest, creds))
+                .await
+        }
+        .boxed()
     }
 }
 

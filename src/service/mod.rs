@@ -128,6 +128,17 @@ pub struct Outcome {
     pub grant: Grant,
 }
 
+/// What the service is configured with besides its parts.
+#[derive(Debug, Default, Clone)]
+pub struct Settings {
+    /// Bounds on request fields.
+    pub limits: Limits,
+    /// What happens when upstream fails.
+    pub failures: FailureSettings,
+    /// Signature policies.
+    pub signatures: Arc<crate::signature::Policies>,
+}
+
 /// The service; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Service {
@@ -159,6 +170,8 @@ struct Inner {
     stale_if_error: bool,
     /// What `/readyz` says (false while `[prefetch] ready_after` warming runs).
     ready: std::sync::atomic::AtomicBool,
+    /// Signature policies.
+    signatures: Arc<crate::signature::Policies>,
 }
 
 impl Service {
@@ -168,12 +181,17 @@ impl Service {
         upstream: Arc<dyn Upstream>,
         key: NodeKey,
         auth: &AuthSettings,
-        limits: Limits,
-        on_failure: FailureSettings,
+        settings: Settings,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let Settings {
+            limits,
+            failures: on_failure,
+            signatures,
+        } = settings;
         Service {
             inner: Arc::new(Inner {
+                signatures,
                 failures: Failures::new(on_failure.negative_ttl, on_failure.negative_ttl),
                 stale_if_error: on_failure.stale_if_error,
                 ready: std::sync::atomic::AtomicBool::new(true),
@@ -250,6 +268,7 @@ impl Service {
         if let GetAccess::RecheckAnonymous { source, digest } = check {
             self.recheck_public(module, &source, digest).await?;
         }
+        self.check_signature_current(module)?;
         let m = self.cache().open_module(module).await?;
         self.cache().touch(module);
         Ok(m)
@@ -382,7 +401,7 @@ impl Service {
                     ),
                 ));
             }
-            Plan::Fetch => self.upstream_or_remembered(&req, caller).await?,
+            Plan::Fetch => self.upstream_or_remembered(&req, caller.clone()).await?,
             Plan::Revalidate(record) => {
                 match self.upstream_or_remembered(&req, caller.clone()).await {
                     Ok(outcome) => outcome,
@@ -390,6 +409,7 @@ impl Service {
                 }
             }
         };
+        let outcome = self.ensure_signed(&req, &caller, outcome).await?;
         // Followers of a flight record their own resource version too.
         if policy == Effective::Always
             && outcome.record.location == req.source.location_key()
@@ -409,6 +429,137 @@ impl Service {
             }
         }
         Ok(outcome)
+    }
+
+    /// For a module download: refused when a policy applies to one of the module's sources and
+    /// its check is not current under that policy's key set (a fetch checks it again).
+    fn check_signature_current(&self, module: &Digest) -> Result<()> {
+        let policies = &self.inner.signatures;
+        if policies.is_empty() {
+            return Ok(());
+        }
+        for rec in self.cache().index().records_of_module(module) {
+            let Some((registry, repository)) = rec
+                .source
+                .strip_prefix("oci://")
+                .and_then(|s| s.split_once('/'))
+            else {
+                continue;
+            };
+            let Some(policy) = policies.for_repository(registry, repository) else {
+                continue;
+            };
+            if !check_is_current(policy, &rec) {
+                return Err(Error::new(
+                    Code::SignatureInvalid,
+                    format!(
+                        "module {module} was not verified under the current keys of policy {:?}; fetch it again to verify it",
+                        policy.pattern
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The policy that applies to `req`'s repository, when one checks anything.
+    fn policy_for<'a>(
+        &'a self,
+        req: &'a FetchRequest,
+    ) -> Option<(&'a OciRef, &'a crate::signature::Policy)> {
+        let Source::Oci(r) = &req.source else {
+            return None;
+        };
+        let p = self
+            .inner
+            .signatures
+            .for_repository(&r.registry, &r.repository)?;
+        Some((r, p))
+    }
+
+    /// `outcome` once its record's signature check is current under the policy that applies
+    /// (checked again, and recorded, when the key set changed since).
+    async fn ensure_signed(
+        &self,
+        req: &FetchRequest,
+        caller: &Caller,
+        outcome: Outcome,
+    ) -> Result<Outcome> {
+        let Some((_, policy)) = self.policy_for(req) else {
+            return Ok(outcome);
+        };
+        if check_is_current(policy, &outcome.record) {
+            return Ok(outcome);
+        }
+        let checked = self.signed(req, caller, outcome.record.clone()).await?;
+        let signature = checked.signature.clone();
+        let record = self
+            .cache()
+            .index()
+            .update(&outcome.record.location, move |r| {
+                let mut r = r.cloned()?;
+                r.signature = signature;
+                Some(r)
+            })
+            .await?
+            .unwrap_or(checked);
+        Ok(Outcome { record, ..outcome })
+    }
+
+    /// Checks `rec`'s signature under the policy that applies to `req` (if any) and notes
+    /// the result on it; `signature_invalid` when the policy enforces and no key verifies.
+    async fn signed(&self, req: &FetchRequest, caller: &Caller, mut rec: Record) -> Result<Record> {
+        use crate::signature::Mode;
+        let Some((r, policy)) = self.policy_for(req) else {
+            return Ok(rec);
+        };
+        let digest = rec.top_digest();
+        let found = self
+            .inner
+            .upstream
+            .signatures(r, &digest, &caller.credentials())
+            .await;
+        let verdict = match found {
+            Ok(sigs) => policy.verify(&sigs, &digest, &r.registry, &r.repository),
+            Err(e) if policy.mode == Mode::Enforce => return Err(e),
+            Err(e) => Err(format!("fetching signatures: {}", e.message)),
+        };
+        let m = &self.inner.metrics.signatures;
+        match verdict {
+            Ok(key) => {
+                m.with_label_values(&["verified"]).inc();
+                tracing::info!(source = %r, digest = %digest, key = %key, "signature verified");
+                rec.signature = Some(crate::cache::index::SignatureCheck {
+                    keyset: policy.keyset.clone(),
+                    key: Some(key),
+                });
+                Ok(rec)
+            }
+            Err(why) if policy.mode == Mode::Warn => {
+                m.with_label_values(&["warned"]).inc();
+                tracing::warn!(source = %r, digest = %digest, policy = %policy.pattern, reason = %why, "signature not verified (policy mode warn: served)");
+                rec.signature = Some(crate::cache::index::SignatureCheck {
+                    keyset: policy.keyset.clone(),
+                    key: None,
+                });
+                Ok(rec)
+            }
+            Err(why) => {
+                m.with_label_values(&["refused"]).inc();
+                Err(Error::new(
+                    Code::SignatureInvalid,
+                    format!(
+                        "{r}: no valid signature for {digest} by the keys of policy {:?} [{}] \
+                         (signatures at {}/{}:sha256-{}.sig): {why}",
+                        policy.pattern,
+                        policy.key_ids(),
+                        r.registry,
+                        r.repository,
+                        digest.hex()
+                    ),
+                ))
+            }
+        }
     }
 
     /// Lets `caller` have a cached `record`: at once when the index proves access;
@@ -669,6 +820,8 @@ impl Service {
         };
         self.observe_fetch(&req.source, started, &checked);
         let (rec, file, grant) = checked?;
+        // Before any byte is cached: a refused module's temp file goes with this error.
+        let rec = self.signed(&req, &caller, rec).await?;
         if rec.is_oci() {
             self.cache().index().grant(&rec.source, &grant).await?;
         }
@@ -746,6 +899,15 @@ impl Service {
     }
 }
 
+/// True when `rec` was checked under `policy`'s current key set, and verified (or, under
+/// `warn`, at least checked).
+fn check_is_current(policy: &crate::signature::Policy, rec: &Record) -> bool {
+    rec.signature.as_ref().is_some_and(|c| {
+        c.keyset == policy.keyset
+            && (c.key.is_some() || policy.mode == crate::signature::Mode::Warn)
+    })
+}
+
 /// Checks the expected digests; the record to install and the module file.
 fn check(req: &FetchRequest, f: Fetched) -> Result<(Record, tempfile::NamedTempFile)> {
     let now = now_millis();
@@ -760,6 +922,7 @@ fn check(req: &FetchRequest, f: Fetched) -> Result<(Record, tempfile::NamedTempF
         fetched_at: now,
         resolved_at: now,
         versions: Default::default(),
+        signature: None,
     };
     for want in expected_digests(req) {
         if !rec.answers_to(&want) {

@@ -13,7 +13,7 @@ use futures_util::future::BoxFuture;
 use super::*;
 use crate::auth::Credential;
 use crate::cache::store::Store;
-use crate::config::{CacheSettings, FailureSettings, Limits, VerifyPolicy};
+use crate::config::{CacheSettings, VerifyPolicy};
 use crate::fetch::KnownBlobs;
 use crate::fetch::oci::Authorized;
 
@@ -217,6 +217,15 @@ impl Upstream for Fake {
         .boxed()
     }
 
+    fn signatures<'a>(
+        &'a self,
+        _r: &'a OciRef,
+        _digest: &'a Digest,
+        _creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<Vec<crate::signature::SimpleSignature>>> {
+        async move { Ok(Vec::new()) }.boxed()
+    }
+
     fn fetch_if_changed<'a>(
         &'a self,
         url: &'a reqwest::Url,
@@ -292,15 +301,7 @@ fn open(
     };
     let upstream: Arc<dyn Upstream> = fake.clone();
     (
-        Service::new(
-            cache,
-            upstream,
-            key,
-            &auth,
-            Limits::default(),
-            FailureSettings::default(),
-            metrics,
-        ),
+        Service::new(cache, upstream, key, &auth, Settings::default(), metrics),
         fake,
     )
 }

@@ -15,3 +15,4 @@ mod providers;
 mod registry_access;
 mod serving;
 mod ship;
+mod signatures;

@@ -423,3 +423,61 @@ fn mirror_failed(ep: &hosts::Endpoint, r: &OciRef, e: &Error) {
         "mirror failed; trying the next host"
     );
 }
+
+impl OciFetcher {
+    /// The cosign simple-signing signatures of manifest `digest` in `r`'s repository, from
+    /// the registry itself (the manifest tagged `sha256-<hex>.sig`, its layers' payloads
+    /// checked against their digests); empty when there is no such manifest.
+    pub async fn signatures(
+        &self,
+        r: &OciRef,
+        digest: &Digest,
+        creds: &[Credential],
+    ) -> Result<Vec<crate::signature::SimpleSignature>> {
+        use crate::signature::{MAX_PAYLOAD, MAX_SIGNATURES, SIGNATURE_ANNOTATION, SIMPLE_SIGNING};
+        let mut unpinned = r.clone();
+        unpinned.digest = None;
+        let tag = format!("sha256-{}.sig", digest.hex());
+        unpinned.tag = Some(tag.clone());
+        let mut s = self.authorized_session(&unpinned, creds).await?;
+        let doc = match self.manifest(&mut s, &tag).await {
+            Ok((doc, _, _)) => doc,
+            Err(e) if e.code == Code::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for layer in doc
+            .layers
+            .unwrap_or_default()
+            .iter()
+            .filter(|l| l.media_type == SIMPLE_SIGNING)
+            .take(MAX_SIGNATURES)
+        {
+            let Some(signature) = layer.annotations.get(SIGNATURE_ANNOTATION) else {
+                continue;
+            };
+            if layer.size > MAX_PAYLOAD {
+                continue;
+            }
+            let d = parse_digest(&layer.digest, "signature layer digest")?;
+            let resp = self
+                .request(&mut s, Method::GET, &format!("blobs/{d}"), "*/*")
+                .await?;
+            let payload = crate::fetch::client::read_capped(
+                resp,
+                &self.settings,
+                MAX_PAYLOAD as usize,
+                "signature payload",
+            )
+            .await?;
+            if Digest::of(&payload) != d {
+                continue;
+            }
+            out.push(crate::signature::SimpleSignature {
+                payload,
+                signature: signature.clone(),
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,442 @@
+//! Signed modules: cosign "simple signing" signatures checked against keys the operator
+//! configures (`[[signatures.policy]]`), offline (no Rekor, no Fulcio).
+//!
+//! A policy matches OCI repositories by glob (`ghcr.io/acme/filters/*`: one path segment;
+//! `registry.internal:5000/**`: any depth); the most specific match wins, and a repository no
+//! policy matches is not checked. Signatures live where cosign puts them: the manifest tagged
+//! `sha256-<hex>.sig` in the module's repository, one layer per signature, the payload in the
+//! layer and the base64 signature in its `dev.cosignproject.cosign/signature` annotation.
+//! The payload must name the manifest digest the module was resolved to, be of type
+//! `cosign container image signature`, and, when it names a repository, name this one.
+
+use std::path::{Path, PathBuf};
+
+use sha2::Digest as _;
+
+use crate::digest::Digest;
+
+/// Largest signature payload accepted (cosign's are a few hundred bytes).
+pub const MAX_PAYLOAD: u64 = 64 << 10;
+/// Most signatures looked at per module.
+pub const MAX_SIGNATURES: usize = 32;
+/// Media type of a simple-signing layer.
+pub const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
+/// The layer annotation holding the signature.
+pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+
+/// One signature as found in the registry.
+#[derive(Debug, Clone)]
+pub struct SimpleSignature {
+    /// The signed payload (JSON), verified against its layer digest.
+    pub payload: Vec<u8>,
+    /// The base64 signature from the layer annotation.
+    pub signature: String,
+}
+
+/// What a policy does with a module that fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Refuse it (`signature_invalid`).
+    Enforce,
+    /// Log and count it, serve it anyway.
+    Warn,
+    /// Do not check.
+    Off,
+}
+
+/// A public key.
+#[derive(Debug)]
+enum Verifier {
+    P256(p256::ecdsa::VerifyingKey),
+    P384(p384::ecdsa::VerifyingKey),
+    Ed25519(ed25519_dalek::VerifyingKey),
+    Rsa(rsa::pkcs1v15::VerifyingKey<sha2::Sha256>),
+}
+
+/// A configured key.
+#[derive(Debug)]
+pub struct Key {
+    /// The first 16 hex digits of the sha256 of the key's DER (SubjectPublicKeyInfo).
+    pub id: String,
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// The key.
+    verifier: Verifier,
+}
+
+impl Key {
+    /// Reads a PEM public key (ECDSA P-256 or P-384, Ed25519, RSA).
+    pub fn load(path: &Path) -> Result<Key, String> {
+        use p256::pkcs8::DecodePublicKey;
+        let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let der =
+            pem_der(&pem).ok_or_else(|| format!("{}: not a PEM public key", path.display()))?;
+        let verifier = if let Ok(k) = p256::ecdsa::VerifyingKey::from_public_key_pem(&pem) {
+            Verifier::P256(k)
+        } else if let Ok(k) = p384::ecdsa::VerifyingKey::from_public_key_pem(&pem) {
+            Verifier::P384(k)
+        } else if let Ok(k) = ed25519_dalek::VerifyingKey::from_public_key_pem(&pem) {
+            Verifier::Ed25519(k)
+        } else if let Ok(k) = rsa::RsaPublicKey::from_public_key_pem(&pem) {
+            Verifier::Rsa(rsa::pkcs1v15::VerifyingKey::new(k))
+        } else {
+            return Err(format!(
+                "{}: not an ECDSA P-256/P-384, Ed25519 or RSA public key",
+                path.display()
+            ));
+        };
+        Ok(Key {
+            id: hex::encode(sha2::Sha256::digest(&der))[..16].to_string(),
+            path: path.to_path_buf(),
+            verifier,
+        })
+    }
+
+    /// True when `signature` (raw bytes) is this key's signature of `payload`.
+    fn verifies(&self, payload: &[u8], signature: &[u8]) -> bool {
+        use ed25519_dalek::Verifier as _;
+        match &self.verifier {
+            Verifier::P256(k) => p256::ecdsa::Signature::from_der(signature)
+                .or_else(|_| p256::ecdsa::Signature::from_slice(signature))
+                .is_ok_and(|s| k.verify(payload, &s).is_ok()),
+            Verifier::P384(k) => p384::ecdsa::Signature::from_der(signature)
+                .or_else(|_| p384::ecdsa::Signature::from_slice(signature))
+                .is_ok_and(|s| k.verify(payload, &s).is_ok()),
+            Verifier::Ed25519(k) => ed25519_dalek::Signature::from_slice(signature)
+                .is_ok_and(|s| k.verify(payload, &s).is_ok()),
+            Verifier::Rsa(k) => rsa::pkcs1v15::Signature::try_from(signature)
+                .is_ok_and(|s| k.verify(payload, &s).is_ok()),
+        }
+    }
+}
+
+/// The DER inside the first PEM block of `pem`.
+fn pem_der(pem: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN "))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END "))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .ok()
+}
+
+/// One `[[signatures.policy]]`.
+#[derive(Debug)]
+pub struct Policy {
+    /// The repository glob.
+    pub pattern: String,
+    /// What happens on failure.
+    pub mode: Mode,
+    /// The keys any of which may verify.
+    pub keys: Vec<Key>,
+    /// Names this key set: a record verified under another key set is verified again.
+    pub keyset: String,
+}
+
+/// All policies.
+#[derive(Debug, Default)]
+pub struct Policies {
+    /// In config order.
+    list: Vec<Policy>,
+}
+
+/// A policy as written in the config.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    /// Repository glob, e.g. `ghcr.io/acme/filters/*`.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// PEM public key files.
+    #[serde(default)]
+    pub keys: Vec<PathBuf>,
+    /// `enforce` (default), `warn` or `off`.
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+impl Policies {
+    /// Validates the policies and reads their keys. Blocking; at start.
+    pub fn load(raw: &[RawPolicy]) -> Result<Policies, String> {
+        let mut list = Vec::new();
+        for p in raw {
+            let mode = match p.mode.as_deref().unwrap_or("enforce") {
+                "enforce" => Mode::Enforce,
+                "warn" => Mode::Warn,
+                "off" => Mode::Off,
+                other => {
+                    return Err(format!(
+                        "policy {:?}: mode {other:?}: expected \"enforce\", \"warn\" or \"off\"",
+                        p.pattern
+                    ));
+                }
+            };
+            if p.pattern.trim().is_empty() || p.pattern.contains("://") {
+                return Err(format!(
+                    "policy {:?}: match is a repository glob like \"ghcr.io/acme/*\"",
+                    p.pattern
+                ));
+            }
+            if mode != Mode::Off && p.keys.is_empty() {
+                return Err(format!("policy {:?}: no keys", p.pattern));
+            }
+            let keys = p
+                .keys
+                .iter()
+                .map(|k| Key::load(k))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("policy {:?}: {e}", p.pattern))?;
+            let mut ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
+            ids.sort();
+            list.push(Policy {
+                pattern: p.pattern.trim().to_ascii_lowercase(),
+                mode,
+                keyset: ids.join(","),
+                keys,
+            });
+        }
+        Ok(Policies { list })
+    }
+
+    /// The most specific policy matching `registry/repository` that checks anything.
+    pub fn for_repository(&self, registry: &str, repository: &str) -> Option<&Policy> {
+        let name = format!("{registry}/{repository}").to_ascii_lowercase();
+        self.list
+            .iter()
+            .filter(|p| glob_matches(&p.pattern, &name))
+            .max_by_key(|p| specificity(&p.pattern))
+            .filter(|p| p.mode != Mode::Off)
+    }
+
+    /// True when no policy is configured.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+/// Literal segments count most, then the pattern's length.
+fn specificity(pattern: &str) -> (usize, usize) {
+    let literal = pattern.split('/').filter(|s| !s.contains('*')).count();
+    (literal, pattern.len())
+}
+
+/// `*` is one path segment (or, inside a segment, any run of characters but `/`); `**` is
+/// any number of segments. Iterative, at most `segments(pattern) * segments(name)` steps.
+fn glob_matches(pattern: &str, name: &str) -> bool {
+    let p: Vec<&str> = pattern.split('/').collect();
+    let n: Vec<&str> = name.split('/').collect();
+    // reach[j]: the first i pattern segments can match the first j name segments.
+    let mut reach = vec![false; n.len() + 1];
+    reach[0] = true;
+    for seg in &p {
+        let mut next = vec![false; n.len() + 1];
+        if *seg == "**" {
+            let mut any = false;
+            for j in 0..=n.len() {
+                any |= reach[j];
+                next[j] = any;
+            }
+        } else {
+            for j in 0..n.len() {
+                if reach[j] && segment_matches(seg, n[j]) {
+                    next[j + 1] = true;
+                }
+            }
+        }
+        reach = next;
+    }
+    reach[n.len()]
+}
+
+/// One segment: `*` globs within it, linear-ish (backtracks only to the last `*`).
+fn segment_matches(p: &str, s: &str) -> bool {
+    let (p, s) = (p.as_bytes(), s.as_bytes());
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if let Some((sp, ss)) = star {
+            pi = sp + 1;
+            si = ss + 1;
+            star = Some((sp, ss + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// The payload fields checked.
+#[derive(Debug, serde::Deserialize)]
+struct Payload {
+    critical: Critical,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Critical {
+    #[serde(default)]
+    identity: Option<Identity>,
+    image: Image,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Identity {
+    #[serde(rename = "docker-reference", default)]
+    docker_reference: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Image {
+    #[serde(rename = "docker-manifest-digest")]
+    docker_manifest_digest: String,
+}
+
+impl Policy {
+    /// The id of the key that verified one of `sigs` for manifest `digest` of
+    /// `registry/repository`; otherwise why none did.
+    pub fn verify(
+        &self,
+        sigs: &[SimpleSignature],
+        digest: &Digest,
+        registry: &str,
+        repository: &str,
+    ) -> Result<String, String> {
+        use base64::Engine as _;
+        if sigs.is_empty() {
+            return Err("no signature".into());
+        }
+        let mut why = Vec::new();
+        for s in sigs.iter().take(MAX_SIGNATURES) {
+            let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(s.signature.trim())
+            else {
+                why.push("a signature is not base64".to_string());
+                continue;
+            };
+            let Some(key) = self.keys.iter().find(|k| k.verifies(&s.payload, &raw)) else {
+                why.push("a signature is by none of the keys".to_string());
+                continue;
+            };
+            let payload: Payload = match serde_json::from_slice(&s.payload) {
+                Ok(p) => p,
+                Err(e) => {
+                    why.push(format!(
+                        "a signed payload is not a simple-signing payload: {e}"
+                    ));
+                    continue;
+                }
+            };
+            let c = payload.critical;
+            if c.kind != "cosign container image signature" {
+                why.push(format!("a signed payload has type {:?}", c.kind));
+                continue;
+            }
+            if c.image.docker_manifest_digest != digest.to_string() {
+                why.push(format!(
+                    "a signature is for {}, not {digest}",
+                    c.image.docker_manifest_digest
+                ));
+                continue;
+            }
+            if let Some(reference) = c.identity.and_then(|i| i.docker_reference)
+                && !names_repository(&reference, registry, repository)
+            {
+                why.push(format!(
+                    "a signature names another repository ({reference})"
+                ));
+                continue;
+            }
+            return Ok(key.id.clone());
+        }
+        why.dedup();
+        Err(why.join("; "))
+    }
+
+    /// The key ids, for messages.
+    pub fn key_ids(&self) -> String {
+        self.keys
+            .iter()
+            .map(|k| format!("{} ({})", k.id, k.path.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// True when a payload's `docker-reference` (`registry/repository`, maybe with a tag or
+/// digest) names `registry/repository`.
+fn names_repository(reference: &str, registry: &str, repository: &str) -> bool {
+    let r = reference.split('@').next().unwrap_or(reference);
+    // A tag is the part after the last ':' when it is after the last '/'.
+    let r = match (r.rfind(':'), r.rfind('/')) {
+        (Some(c), Some(s)) if c > s => &r[..c],
+        _ => r,
+    };
+    let wanted = format!("{registry}/{repository}");
+    r.eq_ignore_ascii_case(&wanted)
+        || (registry == crate::source::DOCKER_HUB
+            && r.eq_ignore_ascii_case(&format!("index.docker.io/{repository}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_segments() {
+        assert!(glob_matches(
+            "ghcr.io/acme/filters/*",
+            "ghcr.io/acme/filters/acl"
+        ));
+        assert!(!glob_matches(
+            "ghcr.io/acme/filters/*",
+            "ghcr.io/acme/filters/a/b"
+        ));
+        assert!(glob_matches(
+            "registry.internal:5000/**",
+            "registry.internal:5000/a/b/c"
+        ));
+        assert!(glob_matches("ghcr.io/acme/f*", "ghcr.io/acme/filters"));
+        assert!(!glob_matches("ghcr.io/acme/*", "ghcr.io/other/x"));
+        // Many `**` against a deep name: polynomial, and right.
+        let long = vec!["a"; 200].join("/");
+        assert!(glob_matches(
+            &vec!["**"; 100].join("/"),
+            &format!("{long}/b")
+        ));
+        assert!(!glob_matches(
+            &format!("{}/c", vec!["**"; 100].join("/")),
+            &long
+        ));
+        assert!(specificity("ghcr.io/acme/filters/*") > specificity("ghcr.io/**"));
+    }
+
+    #[test]
+    fn references_name_the_repository() {
+        assert!(names_repository("ghcr.io/acme/acl", "ghcr.io", "acme/acl"));
+        assert!(names_repository(
+            "ghcr.io/acme/acl:1.2",
+            "ghcr.io",
+            "acme/acl"
+        ));
+        assert!(names_repository(
+            "127.0.0.1:5000/acme/acl@sha256:ab",
+            "127.0.0.1:5000",
+            "acme/acl"
+        ));
+        assert!(!names_repository(
+            "ghcr.io/acme/other",
+            "ghcr.io",
+            "acme/acl"
+        ));
+    }
+}
