@@ -255,3 +255,83 @@ async fn issue_12_a_removed_key_makes_cached_modules_verify_again() {
     let (status, code) = d.fetch_err(json!({"url": url})).await;
     assert_eq!((status, code.as_str()), (403, "signature_invalid"));
 }
+
+/// Issue 12: the signature repository is private: signatures are read with the caller's
+/// credentials; and a module that a pull-through mirror serves is still checked (its
+/// signature read from the registry itself).
+#[tokio::test]
+async fn issue_12_private_signatures_and_modules_served_by_a_mirror() {
+    let opts = RegistryOpts {
+        basic_users: vec![("alice".into(), "alice-pw".into())],
+        ..Default::default()
+    };
+    let private = Registry::start_with(opts.clone());
+    let p = Pusher::for_registry(&private, &opts);
+    let keys = tempfile::tempdir().unwrap();
+    let (a_key, a_pub) = keypair(keys.path(), "a");
+    let m = wasm_module("sig-private", 100);
+    let manifest = push_solo(&p, "sigpriv/filter", "v1", &m).await;
+    let data = payload(
+        &format!("{}/sigpriv/filter", private.addr),
+        &manifest.digest,
+    );
+    let s = sign(keys.path(), &a_key, &data);
+    push_signatures(&p, "sigpriv/filter", &manifest.digest, &[(data, s)]).await;
+
+    let upstream = Registry::start();
+    let up = Pusher::new(&upstream.addr);
+    let signed = wasm_module("sig-mirror-signed", 100);
+    let unsigned = wasm_module("sig-mirror-unsigned", 100);
+    let signed_manifest = push_solo(&up, "sigmirror/signed", "v1", &signed).await;
+    push_solo(&up, "sigmirror/unsigned", "v1", &unsigned).await;
+    let data = payload(
+        &format!("{}/sigmirror/signed", upstream.addr),
+        &signed_manifest.digest,
+    );
+    let s = sign(keys.path(), &a_key, &data);
+    push_signatures(
+        &up,
+        "sigmirror/signed",
+        &signed_manifest.digest,
+        &[(data, s)],
+    )
+    .await;
+    let mirror = Registry::start_with(RegistryOpts {
+        proxy_remote: Some(format!("http://{}", upstream.addr)),
+        ..Default::default()
+    });
+    let counting = CountingProxy::start(&mirror.addr);
+
+    let d = Daemon::start(DaemonOpts {
+        tables: format!(
+            "{}{}[registries.\"{}\"]\nmirrors = [\"http://{}\"]\n",
+            policy(&format!("{}/sigpriv/*", private.addr), &[&a_pub], "enforce"),
+            policy(
+                &format!("{}/sigmirror/*", upstream.addr),
+                &[&a_pub],
+                "enforce"
+            ),
+            upstream.addr,
+            counting.addr
+        ),
+        ..Default::default()
+    });
+    let secret = docker_config(&[(&private.addr, "alice", "alice-pw")]);
+    let a = d
+        .fetch_ok(json!({"url": format!("oci://{}/sigpriv/filter:v1", private.addr), "pullSecret": secret}))
+        .await;
+    assert_eq!(a["digest"], sha(&m));
+
+    let a = d
+        .fetch_ok(json!({"url": format!("oci://{}/sigmirror/signed:v1", upstream.addr)}))
+        .await;
+    assert_eq!(a["digest"], sha(&signed));
+    let (status, code) = d
+        .fetch_err(json!({"url": format!("oci://{}/sigmirror/unsigned:v1", upstream.addr)}))
+        .await;
+    assert_eq!((status, code.as_str()), (403, "signature_invalid"));
+    assert!(
+        counting.count("GET /v2/sigmirror/unsigned/blobs/") >= 1,
+        "the mirror served the module"
+    );
+}
