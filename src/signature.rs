@@ -8,6 +8,11 @@
 //! layer and the base64 signature in its `dev.cosignproject.cosign/signature` annotation.
 //! The payload must name the manifest digest the module was resolved to, be of type
 //! `cosign container image signature`, and, when it names a repository, name this one.
+//!
+//! Sigstore bundles (`application/vnd.dev.sigstore.bundle.v0.3+json`) that refer to the
+//! manifest (the OCI 1.1 referrers API, or its fallback tag `sha256-<hex>`) count too, when
+//! keyed (a public-key verification material): a `messageSignature` over the manifest, or a
+//! DSSE envelope over an in-toto statement whose subject is the manifest.
 
 use std::path::{Path, PathBuf};
 
@@ -24,13 +29,23 @@ pub const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+js
 /// The layer annotation holding the signature.
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 
-/// One signature as found in the registry.
+/// Artifact (and layer) media type of a Sigstore bundle.
+pub const BUNDLE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+/// Largest bundle read.
+pub const MAX_BUNDLE: u64 = 256 << 10;
+
+/// A signature as found in the registry (its bytes verified against their digests).
 #[derive(Debug, Clone)]
-pub struct SimpleSignature {
-    /// The signed payload (JSON), verified against its layer digest.
-    pub payload: Vec<u8>,
-    /// The base64 signature from the layer annotation.
-    pub signature: String,
+pub enum Found {
+    /// A cosign simple-signing layer.
+    Simple {
+        /// The signed payload (JSON).
+        payload: Vec<u8>,
+        /// The base64 signature from the layer annotation.
+        signature: String,
+    },
+    /// A Sigstore bundle (JSON) that refers to the manifest.
+    Bundle(Vec<u8>),
 }
 
 /// What a policy does with a module that fails.
@@ -90,6 +105,21 @@ impl Key {
             path: path.to_path_buf(),
             verifier,
         })
+    }
+
+    /// True when `signature` is this key's signature of a message whose SHA-256 is `digest`
+    /// (a bundle's `messageSignature`; Ed25519 signs messages, not digests).
+    fn verifies_prehash(&self, digest: &[u8], signature: &[u8]) -> bool {
+        use p256::ecdsa::signature::hazmat::PrehashVerifier;
+        match &self.verifier {
+            Verifier::P256(k) => p256::ecdsa::Signature::from_der(signature)
+                .is_ok_and(|s| k.verify_prehash(digest, &s).is_ok()),
+            Verifier::P384(k) => p384::ecdsa::Signature::from_der(signature)
+                .is_ok_and(|s| k.verify_prehash(digest, &s).is_ok()),
+            Verifier::Ed25519(_) => false,
+            Verifier::Rsa(k) => rsa::pkcs1v15::Signature::try_from(signature)
+                .is_ok_and(|s| k.verify_prehash(digest, &s).is_ok()),
+        }
     }
 
     /// True when `signature` (raw bytes) is this key's signature of `payload`.
@@ -275,6 +305,60 @@ fn segment_matches(p: &str, s: &str) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
+/// A Sigstore bundle, as far as keyed verification reads it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Bundle {
+    #[serde(default)]
+    media_type: String,
+    #[serde(default)]
+    verification_material: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    message_signature: Option<MessageSignature>,
+    #[serde(default)]
+    dsse_envelope: Option<Envelope>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageSignature {
+    message_digest: MessageDigest,
+    signature: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct MessageDigest {
+    algorithm: String,
+    digest: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    payload: String,
+    payload_type: String,
+    #[serde(default)]
+    signatures: Vec<EnvelopeSignature>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct EnvelopeSignature {
+    sig: String,
+}
+
+/// An in-toto statement's subjects.
+#[derive(Debug, serde::Deserialize)]
+struct Statement {
+    #[serde(default)]
+    subject: Vec<Subject>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Subject {
+    #[serde(default)]
+    digest: std::collections::HashMap<String, String>,
+}
+
 /// The payload fields checked.
 #[derive(Debug, serde::Deserialize)]
 struct Payload {
@@ -307,7 +391,7 @@ impl Policy {
     /// `registry/repository`; otherwise why none did.
     pub fn verify(
         &self,
-        sigs: &[SimpleSignature],
+        sigs: &[Found],
         digest: &Digest,
         registry: &str,
         repository: &str,
@@ -317,17 +401,26 @@ impl Policy {
             return Err("no signature".into());
         }
         let mut why = Vec::new();
-        for s in sigs.iter().take(MAX_SIGNATURES) {
-            let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(s.signature.trim())
-            else {
+        for found in sigs.iter().take(MAX_SIGNATURES) {
+            let (payload_bytes, signature) = match found {
+                Found::Simple { payload, signature } => (payload, signature),
+                Found::Bundle(bytes) => match self.verify_bundle(bytes, digest) {
+                    Ok(key) => return Ok(key),
+                    Err(e) => {
+                        why.push(e);
+                        continue;
+                    }
+                },
+            };
+            let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(signature.trim()) else {
                 why.push("a signature is not base64".to_string());
                 continue;
             };
-            let Some(key) = self.keys.iter().find(|k| k.verifies(&s.payload, &raw)) else {
+            let Some(key) = self.keys.iter().find(|k| k.verifies(payload_bytes, &raw)) else {
                 why.push("a signature is by none of the keys".to_string());
                 continue;
             };
-            let payload: Payload = match serde_json::from_slice(&s.payload) {
+            let payload: Payload = match serde_json::from_slice(payload_bytes) {
                 Ok(p) => p,
                 Err(e) => {
                     why.push(format!(
@@ -360,6 +453,81 @@ impl Policy {
         }
         why.dedup();
         Err(why.join("; "))
+    }
+
+    /// The key that verified a Sigstore bundle (keyed: a public-key verification material)
+    /// for manifest `digest`: a `messageSignature` over the manifest, or a DSSE envelope whose
+    /// in-toto statement has the manifest as a subject.
+    fn verify_bundle(&self, bytes: &[u8], digest: &Digest) -> Result<String, String> {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.decode(s.trim());
+        let bundle: Bundle =
+            serde_json::from_slice(bytes).map_err(|e| format!("a bundle does not parse: {e}"))?;
+        if !bundle
+            .media_type
+            .starts_with("application/vnd.dev.sigstore.bundle")
+        {
+            return Err(format!("a bundle has media type {:?}", bundle.media_type));
+        }
+        if bundle
+            .verification_material
+            .as_ref()
+            .is_none_or(|m| m.get("publicKey").is_none())
+        {
+            return Err("a bundle is not signed with a public key (keyless bundles need Fulcio and Rekor, which are not used)".into());
+        }
+        let want = hex::decode(digest.hex()).unwrap_or_default();
+        if let Some(ms) = bundle.message_signature {
+            if ms.message_digest.algorithm != "SHA2_256"
+                || b64(&ms.message_digest.digest).ok().as_deref() != Some(&want[..])
+            {
+                return Err(format!("a bundle signs another message than {digest}"));
+            }
+            let sig = b64(&ms.signature).map_err(|_| "a bundle signature is not base64")?;
+            return self
+                .keys
+                .iter()
+                .find(|k| k.verifies_prehash(&want, &sig))
+                .map(|k| k.id.clone())
+                .ok_or_else(|| "a bundle is signed by none of the keys".to_string());
+        }
+        let Some(env) = bundle.dsse_envelope else {
+            return Err("a bundle has neither a message signature nor a DSSE envelope".into());
+        };
+        if env.payload_type != "application/vnd.in-toto+json" {
+            return Err(format!(
+                "a DSSE envelope has payload type {:?}",
+                env.payload_type
+            ));
+        }
+        let payload = b64(&env.payload).map_err(|_| "a DSSE payload is not base64")?;
+        let pae = [
+            format!(
+                "DSSEv1 {} {} {} ",
+                env.payload_type.len(),
+                env.payload_type,
+                payload.len()
+            )
+            .as_bytes(),
+            &payload,
+        ]
+        .concat();
+        let key = env
+            .signatures
+            .iter()
+            .filter_map(|s| b64(&s.sig).ok())
+            .find_map(|sig| self.keys.iter().find(|k| k.verifies(&pae, &sig)))
+            .ok_or("a DSSE envelope is signed by none of the keys")?;
+        let statement: Statement = serde_json::from_slice(&payload)
+            .map_err(|e| format!("a DSSE payload is not an in-toto statement: {e}"))?;
+        if !statement.subject.iter().any(|s| {
+            s.digest
+                .get("sha256")
+                .is_some_and(|h| h.eq_ignore_ascii_case(&digest.hex()))
+        }) {
+            return Err(format!("a signed statement is not about {digest}"));
+        }
+        Ok(key.id.clone())
     }
 
     /// The key ids, for messages.

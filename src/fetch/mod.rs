@@ -122,7 +122,7 @@ pub trait Upstream: Send + Sync + std::fmt::Debug + 'static {
         r: &'a OciRef,
         digest: &'a Digest,
         creds: &'a [Credential],
-    ) -> BoxFuture<'a, Result<Vec<crate::signature::SimpleSignature>>>;
+    ) -> BoxFuture<'a, Result<Vec<crate::signature::Found>>>;
 }
 
 impl Upstream for Fetchers {
@@ -165,7 +165,7 @@ impl Upstream for Fetchers {
         r: &'a OciRef,
         digest: &'a Digest,
         creds: &'a [Credential],
-    ) -> BoxFuture<'a, Result<Vec<crate::signature::SimpleSignature>>> {
+    ) -> BoxFuture<'a, Result<Vec<crate::signature::Found>>> {
         async move {
             let source = Source::Oci(r.clone());
             self.bounded(&source, self.oci.signatures(r, digest, creds))

@@ -550,7 +550,7 @@ impl Service {
                     Code::SignatureInvalid,
                     format!(
                         "{r}: no valid signature for {digest} by the keys of policy {:?} [{}] \
-                         (signatures at {}/{}:sha256-{}.sig): {why}",
+                         (signatures at {}/{}:sha256-{}.sig and in the manifest's referrers): {why}",
                         policy.pattern,
                         policy.key_ids(),
                         r.registry,

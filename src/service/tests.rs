@@ -222,7 +222,7 @@ impl Upstream for Fake {
         _r: &'a OciRef,
         _digest: &'a Digest,
         _creds: &'a [Credential],
-    ) -> BoxFuture<'a, Result<Vec<crate::signature::SimpleSignature>>> {
+    ) -> BoxFuture<'a, Result<Vec<crate::signature::Found>>> {
         async move { Ok(Vec::new()) }.boxed()
     }
 

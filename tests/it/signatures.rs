@@ -335,3 +335,174 @@ async fn issue_12_private_signatures_and_modules_served_by_a_mirror() {
         "the mirror served the module"
     );
 }
+
+const BUNDLE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+
+/// DSSE's pre-authentication encoding.
+fn pae(payload_type: &str, body: &[u8]) -> Vec<u8> {
+    [
+        format!(
+            "DSSEv1 {} {payload_type} {} ",
+            payload_type.len(),
+            body.len()
+        )
+        .as_bytes(),
+        body,
+    ]
+    .concat()
+}
+
+/// Pushes `bundle` as an OCI 1.1 referrer of `subject`, listed in the fallback tag index
+/// `sha256-<hex>` (the registry has no referrers API).
+async fn push_bundle(p: &Pusher, repo: &str, subject: &Desc, bundle: &[u8]) {
+    let empty = p
+        .blob(repo, "application/vnd.oci.empty.v1+json", b"{}")
+        .await;
+    let layer = p.blob(repo, BUNDLE, bundle).await;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": mt::OCI_MANIFEST,
+        "artifactType": BUNDLE,
+        "config": empty.json(),
+        "layers": [layer.json()],
+        "subject": subject.json(),
+    });
+    let digest = sha(&serde_json::to_vec(&manifest).unwrap());
+    let d = p.manifest(repo, &digest, mt::OCI_MANIFEST, &manifest).await;
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": mt::OCI_INDEX,
+        "manifests": [{
+            "mediaType": mt::OCI_MANIFEST,
+            "digest": d.digest,
+            "size": d.size,
+            "artifactType": BUNDLE,
+        }],
+    });
+    let tag = format!("sha256-{}", subject.digest.trim_start_matches("sha256:"));
+    p.manifest(repo, &tag, mt::OCI_INDEX, &index).await;
+}
+
+/// A keyed DSSE bundle whose in-toto statement has `subject` as its subject, signed by `key`.
+fn dsse_bundle(dir: &Path, key: &Path, subject: &str) -> Vec<u8> {
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let statement = json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"digest": {"sha256": subject.trim_start_matches("sha256:")}}],
+        "predicateType": "https://sigstore.dev/cosign/sign/v1",
+        "predicate": {},
+    })
+    .to_string();
+    let payload_type = "application/vnd.in-toto+json";
+    let sig = sign(dir, key, &pae(payload_type, statement.as_bytes()));
+    json!({
+        "mediaType": BUNDLE,
+        "verificationMaterial": {"publicKey": {"hint": "test"}, "tlogEntries": []},
+        "dsseEnvelope": {
+            "payload": b64(statement.as_bytes()),
+            "payloadType": payload_type,
+            "signatures": [{"sig": sig, "keyid": ""}],
+        },
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Issue 12: Sigstore bundles (keyed, offline) found through the referrers fallback tag: a
+/// DSSE envelope over an in-toto statement about the manifest, or a message signature over
+/// the manifest, by a configured key is served; by another key, or keyless, it is refused.
+#[tokio::test]
+async fn issue_12_sigstore_bundles_through_the_referrers_fallback_tag() {
+    let (registry, _) = shared();
+    let p = Pusher::new(&registry.addr);
+    let keys = tempfile::tempdir().unwrap();
+    let (a_key, a_pub) = keypair(keys.path(), "a");
+    let (b_key, _) = keypair(keys.path(), "b");
+    let reg = &registry.addr;
+    let mut pushed = std::collections::HashMap::new();
+    for name in ["dsse", "message", "otherkey", "keyless"] {
+        let m = wasm_module(&format!("bundle-{name}"), 150);
+        let d = push_solo(&p, &format!("sigbundle/{name}"), "v1", &m).await;
+        pushed.insert(name, (d, m));
+    }
+    let dsse = dsse_bundle(keys.path(), &a_key, &pushed["dsse"].0.digest);
+    push_bundle(&p, "sigbundle/dsse", &pushed["dsse"].0, &dsse).await;
+    let other = dsse_bundle(keys.path(), &b_key, &pushed["otherkey"].0.digest);
+    push_bundle(&p, "sigbundle/otherkey", &pushed["otherkey"].0, &other).await;
+    // A message signature over the manifest's bytes, as the registry serves them.
+    let manifest_bytes = reqwest::Client::new()
+        .get(format!(
+            "http://{reg}/v2/sigbundle/message/manifests/{}",
+            pushed["message"].0.digest
+        ))
+        .header("accept", mt::OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(sha(&manifest_bytes), pushed["message"].0.digest);
+    let digest_b64 = base64::engine::general_purpose::STANDARD
+        .encode(hex::decode(pushed["message"].0.digest.trim_start_matches("sha256:")).unwrap());
+    let message = json!({
+        "mediaType": BUNDLE,
+        "verificationMaterial": {"publicKey": {"hint": "test"}},
+        "messageSignature": {
+            "messageDigest": {"algorithm": "SHA2_256", "digest": digest_b64},
+            "signature": sign(keys.path(), &a_key, &manifest_bytes),
+        },
+    })
+    .to_string();
+    push_bundle(
+        &p,
+        "sigbundle/message",
+        &pushed["message"].0,
+        message.as_bytes(),
+    )
+    .await;
+    // Keyless (a certificate): not accepted offline even though the key signed it.
+    let mut keyless: Value = serde_json::from_slice(&dsse_bundle(
+        keys.path(),
+        &a_key,
+        &pushed["keyless"].0.digest,
+    ))
+    .unwrap();
+    keyless["verificationMaterial"] = json!({"certificate": {"rawBytes": "AAAA"}});
+    push_bundle(
+        &p,
+        "sigbundle/keyless",
+        &pushed["keyless"].0,
+        keyless.to_string().as_bytes(),
+    )
+    .await;
+
+    let d = Daemon::start(DaemonOpts {
+        tables: policy(&format!("{reg}/sigbundle/*"), &[&a_pub], "enforce"),
+        ..Default::default()
+    });
+    for name in ["dsse", "message"] {
+        let a = d
+            .fetch_ok(json!({"url": format!("oci://{reg}/sigbundle/{name}:v1")}))
+            .await;
+        assert_eq!(a["digest"], sha(&pushed[name].1), "{name}");
+    }
+    assert!(ls(&d).iter().all(|m| m["signed"].is_string()));
+    for name in ["otherkey", "keyless"] {
+        let (status, body) = d
+            .fetch(json!({"url": format!("oci://{reg}/sigbundle/{name}:v1")}))
+            .await;
+        assert_eq!(status, 403, "{name}: {body}");
+        assert_eq!(body["error"]["code"], "signature_invalid", "{name}");
+    }
+    let (_, body) = d
+        .fetch(json!({"url": format!("oci://{reg}/sigbundle/keyless:v1")}))
+        .await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("public key"),
+        "{body}"
+    );
+}

@@ -48,6 +48,9 @@ pub(super) struct Descriptor {
     /// The content's media type.
     #[serde(default)]
     pub(super) media_type: String,
+    /// Referrers: the artifact type (e.g. a Sigstore bundle).
+    #[serde(default)]
+    pub(super) artifact_type: String,
     /// `sha256:<hex>`.
     pub(super) digest: String,
     /// Declared size in bytes.
@@ -246,6 +249,7 @@ mod tests {
             );
         }
         Descriptor {
+            artifact_type: String::new(),
             media_type: media_type.into(),
             digest: format!("sha256:{arch}{os}"),
             size: 1,

@@ -433,22 +433,20 @@ impl OciFetcher {
         r: &OciRef,
         digest: &Digest,
         creds: &[Credential],
-    ) -> Result<Vec<crate::signature::SimpleSignature>> {
+    ) -> Result<Vec<crate::signature::Found>> {
         use crate::signature::{MAX_PAYLOAD, MAX_SIGNATURES, SIGNATURE_ANNOTATION, SIMPLE_SIGNING};
         let mut unpinned = r.clone();
         unpinned.digest = None;
         let tag = format!("sha256-{}.sig", digest.hex());
         unpinned.tag = Some(tag.clone());
         let mut s = self.authorized_session(&unpinned, creds).await?;
-        let doc = match self.manifest(&mut s, &tag).await {
-            Ok((doc, _, _)) => doc,
-            Err(e) if e.code == Code::NotFound => return Ok(Vec::new()),
+        let layers = match self.manifest(&mut s, &tag).await {
+            Ok((doc, _, _)) => doc.layers.unwrap_or_default(),
+            Err(e) if e.code == Code::NotFound => Vec::new(),
             Err(e) => return Err(e),
         };
         let mut out = Vec::new();
-        for layer in doc
-            .layers
-            .unwrap_or_default()
+        for layer in layers
             .iter()
             .filter(|l| l.media_type == SIMPLE_SIGNING)
             .take(MAX_SIGNATURES)
@@ -473,10 +471,82 @@ impl OciFetcher {
             if Digest::of(&payload) != d {
                 continue;
             }
-            out.push(crate::signature::SimpleSignature {
+            out.push(crate::signature::Found::Simple {
                 payload,
                 signature: signature.clone(),
             });
+        }
+        out.extend(self.bundles(&mut s, digest).await?);
+        Ok(out)
+    }
+
+    /// The Sigstore bundles that refer to manifest `digest`: through the OCI 1.1 referrers
+    /// API, or, where the registry has none, the fallback tag `sha256-<hex>` (an index).
+    async fn bundles(
+        &self,
+        s: &mut Session<'_>,
+        digest: &Digest,
+    ) -> Result<Vec<crate::signature::Found>> {
+        use crate::signature::{BUNDLE, MAX_BUNDLE, MAX_SIGNATURES};
+        let referrers = match self
+            .request(s, Method::GET, &format!("referrers/{digest}"), OCI_INDEX)
+            .await
+        {
+            Ok(resp) => {
+                let body = crate::fetch::client::read_capped(
+                    resp,
+                    &self.settings,
+                    manifest::MAX_MANIFEST as usize,
+                    "referrers",
+                )
+                .await?;
+                serde_json::from_slice::<manifest::ManifestDoc>(&body)
+                    .ok()
+                    .and_then(|d| d.manifests)
+            }
+            Err(e) if e.code == Code::NotFound || e.code == Code::UpstreamError => None,
+            Err(e) => return Err(e),
+        };
+        let listed = match referrers {
+            Some(m) => m,
+            None => match self.manifest(s, &format!("sha256-{}", digest.hex())).await {
+                Ok((doc, _, _)) => doc.manifests.unwrap_or_default(),
+                Err(e) if e.code == Code::NotFound => Vec::new(),
+                Err(e) => return Err(e),
+            },
+        };
+        let mut out = Vec::new();
+        for d in listed
+            .iter()
+            .filter(|d| d.artifact_type == BUNDLE)
+            .take(MAX_SIGNATURES)
+        {
+            let manifest_digest = parse_digest(&d.digest, "referrer digest")?;
+            let (doc, _, _) = self.manifest(s, &manifest_digest.to_string()).await?;
+            for layer in doc
+                .layers
+                .unwrap_or_default()
+                .iter()
+                .filter(|l| l.media_type == BUNDLE)
+            {
+                if layer.size > MAX_BUNDLE {
+                    continue;
+                }
+                let ld = parse_digest(&layer.digest, "bundle digest")?;
+                let resp = self
+                    .request(s, Method::GET, &format!("blobs/{ld}"), "*/*")
+                    .await?;
+                let body = crate::fetch::client::read_capped(
+                    resp,
+                    &self.settings,
+                    MAX_BUNDLE as usize,
+                    "signature bundle",
+                )
+                .await?;
+                if Digest::of(&body) == ld {
+                    out.push(crate::signature::Found::Bundle(body));
+                }
+            }
         }
         Ok(out)
     }
