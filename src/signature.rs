@@ -588,6 +588,129 @@ mod tests {
         assert!(specificity("ghcr.io/acme/filters/*") > specificity("ghcr.io/**"));
     }
 
+    /// Runs openssl (installed by tests/run.sh) with `args`.
+    fn openssl(args: &[&str]) -> Vec<u8> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        out.stdout
+    }
+
+    #[test]
+    // Fixture files, not cache files.
+    #[allow(clippy::disallowed_methods)]
+    fn p384_ed25519_and_rsa_keys_verify_and_other_keys_do_not() {
+        use base64::Engine as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n).display().to_string();
+        let digest = Digest::of(b"manifest");
+        let payload = serde_json::json!({
+            "critical": {
+                "identity": {"docker-reference": "reg.example/acme/acl"},
+                "image": {"docker-manifest-digest": digest.to_string()},
+                "type": "cosign container image signature"
+            }
+        })
+        .to_string();
+        std::fs::write(path("payload"), &payload).unwrap();
+        let kinds: [(&str, Vec<&str>, Vec<&str>); 3] = [
+            (
+                "p384",
+                vec!["ecparam", "-name", "secp384r1", "-genkey", "-noout", "-out"],
+                vec!["dgst", "-sha384", "-sign"],
+            ),
+            (
+                "ed25519",
+                vec!["genpkey", "-algorithm", "ed25519", "-out"],
+                vec!["pkeyutl", "-sign", "-rawin", "-in"],
+            ),
+            (
+                "rsa",
+                vec![
+                    "genpkey",
+                    "-algorithm",
+                    "rsa",
+                    "-pkeyopt",
+                    "rsa_keygen_bits:2048",
+                    "-out",
+                ],
+                vec!["dgst", "-sha256", "-sign"],
+            ),
+        ];
+        let mut keys = Vec::new();
+        for (name, gen_args, _) in &kinds {
+            let (k, p) = (path(&format!("{name}.key")), path(&format!("{name}.pub")));
+            let mut a = gen_args.clone();
+            a.push(&k);
+            openssl(&a);
+            openssl(&["pkey", "-in", &k, "-pubout", "-out", &p]);
+            keys.push((k, p));
+        }
+        for (i, (name, _, sign_args)) in kinds.iter().enumerate() {
+            let (k, p) = &keys[i];
+            let mut a = sign_args.clone();
+            let payload_path = path("payload");
+            if *name == "ed25519" {
+                a.extend([payload_path.as_str(), "-inkey", k.as_str()]);
+            } else {
+                a.extend([k.as_str(), payload_path.as_str()]);
+            }
+            let sig = base64::engine::general_purpose::STANDARD.encode(openssl(&a));
+            let found = [Found::Simple {
+                payload: payload.clone().into_bytes(),
+                signature: sig,
+            }];
+            let policy = |key: &str| {
+                Policies::load(&[RawPolicy {
+                    pattern: "reg.example/**".into(),
+                    keys: vec![PathBuf::from(key)],
+                    mode: None,
+                }])
+                .unwrap()
+            };
+            let mine = policy(p);
+            let mine = mine.for_repository("reg.example", "acme/acl").unwrap();
+            assert_eq!(
+                mine.verify(&found, &digest, "reg.example", "acme/acl"),
+                Ok(mine.keys[0].id.clone()),
+                "{name}"
+            );
+            let other = policy(&keys[(i + 1) % keys.len()].1);
+            let other = other.for_repository("reg.example", "acme/acl").unwrap();
+            assert!(
+                other
+                    .verify(&found, &digest, "reg.example", "acme/acl")
+                    .is_err(),
+                "{name} verified with another key"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_policies_are_refused_at_start() {
+        let raw = |pattern: &str, keys: Vec<PathBuf>, mode: Option<&str>| RawPolicy {
+            pattern: pattern.into(),
+            keys,
+            mode: mode.map(str::to_string),
+        };
+        for bad in [
+            raw("ghcr.io/*", vec![], None),
+            raw("oci://ghcr.io/*", vec!["k.pub".into()], None),
+            raw("ghcr.io/*", vec!["k.pub".into()], Some("strict")),
+            raw("ghcr.io/*", vec!["/nonexistent/k.pub".into()], None),
+        ] {
+            assert!(
+                Policies::load(std::slice::from_ref(&bad)).is_err(),
+                "{bad:?}"
+            );
+        }
+        // `off` needs no keys, and checks nothing.
+        let off = Policies::load(&[raw("ghcr.io/**", vec![], Some("off"))]).unwrap();
+        assert!(off.for_repository("ghcr.io", "acme/acl").is_none());
+    }
+
     #[test]
     fn references_name_the_repository() {
         assert!(names_repository("ghcr.io/acme/acl", "ghcr.io", "acme/acl"));

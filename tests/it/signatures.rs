@@ -334,6 +334,34 @@ async fn issue_12_private_signatures_and_modules_served_by_a_mirror() {
         counting.count("GET /v2/sigmirror/unsigned/blobs/") >= 1,
         "the mirror served the module"
     );
+    // Air-gapped: with the registry gone and the cache emptied, the module and its
+    // signature both come from the mirror, and the signature is still checked.
+    upstream.stop();
+    let purged = reqwest::Client::builder()
+        .unix_socket(d.admin_socket.clone())
+        .build()
+        .unwrap()
+        .post("http://localhost/v1/admin/purge")
+        .json(&json!({"all": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purged.status(), 200);
+    let pinned = format!(
+        "oci://{}/sigmirror/signed@{}",
+        upstream.addr, signed_manifest.digest
+    );
+    let a = d.fetch_ok(json!({"url": pinned})).await;
+    assert_eq!(
+        (&a["digest"], &a["cache"]),
+        (&json!(sha(&signed)), &json!("miss"))
+    );
+    assert!(
+        counting.count(&format!(
+            "GET /v2/sigmirror/signed/manifests/sha256-{}.sig",
+            signed_manifest.digest.trim_start_matches("sha256:")
+        )) >= 1
+    );
 }
 
 const BUNDLE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";

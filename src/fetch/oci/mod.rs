@@ -434,12 +434,34 @@ impl OciFetcher {
         digest: &Digest,
         creds: &[Credential],
     ) -> Result<Vec<crate::signature::Found>> {
-        use crate::signature::{MAX_PAYLOAD, MAX_SIGNATURES, SIGNATURE_ANNOTATION, SIMPLE_SIGNING};
         let mut unpinned = r.clone();
         unpinned.digest = None;
+        unpinned.tag = Some(format!("sha256-{}.sig", digest.hex()));
+        // Signatures are checked against keys, so any host may serve them: the mirrors
+        // first (anonymous requests only, hosts that may resolve tags), then the registry.
+        for ep in self.mirrors_for(r, creds).filter(|ep| ep.resolve) {
+            let attempt = async {
+                let s = self.mirror_session(ep, &unpinned)?;
+                self.signatures_at(s, digest).await
+            };
+            match attempt.await {
+                Ok(found) if !found.is_empty() => return Ok(found),
+                Ok(_) => {}
+                Err(e) => mirror_failed(ep, r, &e),
+            }
+        }
+        let s = self.authorized_session(&unpinned, creds).await?;
+        self.signatures_at(s, digest).await
+    }
+
+    /// The signatures of manifest `digest` on session `s`.
+    async fn signatures_at(
+        &self,
+        mut s: Session<'_>,
+        digest: &Digest,
+    ) -> Result<Vec<crate::signature::Found>> {
+        use crate::signature::{MAX_PAYLOAD, MAX_SIGNATURES, SIGNATURE_ANNOTATION, SIMPLE_SIGNING};
         let tag = format!("sha256-{}.sig", digest.hex());
-        unpinned.tag = Some(tag.clone());
-        let mut s = self.authorized_session(&unpinned, creds).await?;
         let layers = match self.manifest(&mut s, &tag).await {
             Ok((doc, _, _)) => doc.layers.unwrap_or_default(),
             Err(e) if e.code == Code::NotFound => Vec::new(),
