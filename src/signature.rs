@@ -272,7 +272,7 @@ fn glob_matches(pattern: &str, name: &str) -> bool {
             }
         } else {
             for j in 0..n.len() {
-                if reach[j] && segment_matches(seg, n[j]) {
+                if reach[j] && crate::auth::dockerconfig::glob_part(seg, n[j]) {
                     next[j + 1] = true;
                 }
             }
@@ -280,29 +280,6 @@ fn glob_matches(pattern: &str, name: &str) -> bool {
         reach = next;
     }
     reach[n.len()]
-}
-
-/// One segment: `*` globs within it, linear-ish (backtracks only to the last `*`).
-fn segment_matches(p: &str, s: &str) -> bool {
-    let (p, s) = (p.as_bytes(), s.as_bytes());
-    let (mut pi, mut si) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while si < s.len() {
-        if pi < p.len() && p[pi] == b'*' {
-            star = Some((pi, si));
-            pi += 1;
-        } else if pi < p.len() && p[pi] == s[si] {
-            pi += 1;
-            si += 1;
-        } else if let Some((sp, ss)) = star {
-            pi = sp + 1;
-            si = ss + 1;
-            star = Some((sp, ss + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == b'*')
 }
 
 /// A Sigstore bundle, as far as keyed verification reads it.

@@ -275,7 +275,7 @@ const MAX_LABEL: usize = 255;
 /// `*` matches any run of characters within one label. Greedy matching that backtracks only
 /// to the last `*`: at most `p.len() * h.len()` steps, never exponential (a key like
 /// `*a*a*a...*b` used to pin a worker).
-fn glob_part(p: &str, h: &str) -> bool {
+pub(crate) fn glob_part(p: &str, h: &str) -> bool {
     if !p.contains('*') {
         return p == h;
     }

@@ -69,6 +69,7 @@ pub fn remembered(code: Code) -> bool {
             | Code::InvalidModule
             | Code::ChecksumMismatch
             | Code::TooLarge
+            | Code::SignatureInvalid
     )
 }
 

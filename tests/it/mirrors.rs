@@ -52,16 +52,7 @@ async fn issue_11_a_pull_through_mirror_serves_with_the_upstream_stopped() {
     // The registry goes away; the mirror still has it. The cache is emptied first, so the
     // module must be downloaded again.
     upstream.stop();
-    let purged = reqwest::Client::builder()
-        .unix_socket(d.admin_socket.clone())
-        .build()
-        .unwrap()
-        .post("http://localhost/v1/admin/purge")
-        .json(&json!({"all": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(purged.status(), 200);
+    d.purge_all().await;
     let pinned = format!("oci://{}/mirror/one@{}", upstream.addr, manifest.digest);
     let a = d.fetch_ok(json!({"url": pinned})).await;
     assert_eq!(

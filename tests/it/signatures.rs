@@ -337,16 +337,7 @@ async fn issue_12_private_signatures_and_modules_served_by_a_mirror() {
     // Air-gapped: with the registry gone and the cache emptied, the module and its
     // signature both come from the mirror, and the signature is still checked.
     upstream.stop();
-    let purged = reqwest::Client::builder()
-        .unix_socket(d.admin_socket.clone())
-        .build()
-        .unwrap()
-        .post("http://localhost/v1/admin/purge")
-        .json(&json!({"all": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(purged.status(), 200);
+    d.purge_all().await;
     let pinned = format!(
         "oci://{}/sigmirror/signed@{}",
         upstream.addr, signed_manifest.digest

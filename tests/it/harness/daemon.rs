@@ -174,6 +174,20 @@ impl Daemon {
         self.spawn();
     }
 
+    /// Purges every cached module through the admin API.
+    pub async fn purge_all(&self) {
+        let r = reqwest::Client::builder()
+            .unix_socket(self.admin_socket.clone())
+            .build()
+            .unwrap()
+            .post("http://localhost/v1/admin/purge")
+            .json(&serde_json::json!({"all": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("the daemon is running").id()
