@@ -13,7 +13,7 @@
 //! `index.json.migrated`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -224,7 +224,7 @@ struct Rows {
 #[derive(Debug, Clone)]
 pub struct Index {
     /// Records, access and use times.
-    state: Arc<Mutex<State>>,
+    state: Arc<RwLock<State>>,
     /// The database; its write transactions are serialised by redb itself.
     db: Arc<Database>,
     /// Where a damaged database found at this start was kept aside.
@@ -332,7 +332,7 @@ impl Index {
             }
         };
         let index = Index {
-            state: Arc::new(Mutex::new(State::default())),
+            state: Arc::new(RwLock::new(State::default())),
             db: Arc::new(db),
             damaged,
         };
@@ -455,7 +455,7 @@ impl Index {
     /// between a purge's index write and its deletes). Blocking.
     fn drop_missing(&self, store: &Store) -> Result<()> {
         let missing: Vec<Digest> = {
-            let st = self.lock();
+            let st = self.read();
             let set: BTreeSet<Digest> = st
                 .records
                 .values()
@@ -478,7 +478,7 @@ impl Index {
             );
             return Ok(());
         }
-        let referenced: BTreeSet<Digest> = self.lock().records.values().map(|r| r.module).collect();
+        let referenced: BTreeSet<Digest> = self.read().records.values().map(|r| r.module).collect();
         let mut orphans = 0;
         for d in store.blob_digests()? {
             if !referenced.contains(&d) {
@@ -492,8 +492,14 @@ impl Index {
         Ok(())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// The state, for a change.
+    fn lock(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state, for a lookup (lookups, such as every cache hit's, run side by side).
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes the current in-memory values of `rows` (and use times not yet written) in one
@@ -539,7 +545,7 @@ impl Index {
 
     /// The record for `location`.
     pub fn get(&self, location: &str) -> Option<Record> {
-        self.lock().records.get(location).cloned()
+        self.read().records.get(location).cloned()
     }
 
     /// Changes the record of `location`: `change` sees the current record (if any) and
@@ -575,7 +581,7 @@ impl Index {
 
     /// What the registry confirmed about access to `source`.
     pub fn access(&self, source: &str) -> Access {
-        self.lock().access.get(source).cloned().unwrap_or_default()
+        self.read().access.get(source).cloned().unwrap_or_default()
     }
 
     /// Records a grant for `source`.
@@ -622,7 +628,7 @@ impl Index {
 
     /// How `module` may be read: `None` when no record serves it.
     pub fn module_access(&self, module: &Digest) -> Option<ModuleAccess> {
-        let st = self.lock();
+        let st = self.read();
         let mut found: Option<ModuleAccess> = None;
         for r in st.of_module(module) {
             let m = found.get_or_insert(ModuleAccess {
@@ -647,12 +653,12 @@ impl Index {
 
     /// The records that map to `module`.
     pub fn records_of_module(&self, module: &Digest) -> Vec<Record> {
-        self.lock().of_module(module).cloned().collect()
+        self.read().of_module(module).cloned().collect()
     }
 
     /// The newest time credential `id` was accepted for a source holding `module`.
     pub fn credential_verified_for_module(&self, module: &Digest, id: &str) -> Option<u64> {
-        let st = self.lock();
+        let st = self.read();
         st.of_module(module)
             .filter_map(|r| st.access.get(&r.source)?.verified.get(id).copied())
             .max()
@@ -668,7 +674,7 @@ impl Index {
 
     /// Writes use times not yet on disk.
     pub async fn flush_used(&self) -> Result<()> {
-        if self.lock().used_dirty.is_empty() {
+        if self.read().used_dirty.is_empty() {
             return Ok(());
         }
         self.persist(Rows::default()).await
@@ -676,7 +682,7 @@ impl Index {
 
     /// Every cached module with what maps to it, ordered by digest.
     pub fn modules(&self) -> Vec<ModuleInfo> {
-        let st = self.lock();
+        let st = self.read();
         let mut by: BTreeMap<Digest, ModuleInfo> = BTreeMap::new();
         for r in st.records.values() {
             let public = !r.is_oci()
@@ -705,7 +711,7 @@ impl Index {
 
     /// Number of modules and their bytes, without building the list.
     pub fn totals(&self) -> (u64, u64) {
-        let st = self.lock();
+        let st = self.read();
         let mut seen = BTreeSet::new();
         let mut bytes = 0;
         for r in st.records.values() {
@@ -773,12 +779,12 @@ impl Index {
 
     /// All records (a snapshot).
     pub fn records(&self) -> Vec<Record> {
-        self.lock().records.values().cloned().collect()
+        self.read().records.values().cloned().collect()
     }
 
     /// A record of `source` whose module, manifest or index digest is every one of `digests`.
     pub fn find_by_digests(&self, source: &str, digests: &[Digest]) -> Option<Record> {
-        self.lock()
+        self.read()
             .of_source(source)
             .find(|r| digests.iter().all(|d| r.answers_to(d)))
             .cloned()
@@ -787,17 +793,17 @@ impl Index {
     /// True when `source` already produced the module `module` (so its bytes may be reused
     /// for that source without downloading them again).
     pub fn source_has_module(&self, source: &str, module: &Digest) -> bool {
-        self.lock().of_source(source).any(|r| r.module == *module)
+        self.read().of_source(source).any(|r| r.module == *module)
     }
 
     /// Number of records.
     pub fn len(&self) -> usize {
-        self.lock().records.len()
+        self.read().records.len()
     }
 
     /// True when there are no records.
     pub fn is_empty(&self) -> bool {
-        self.lock().records.is_empty()
+        self.read().records.is_empty()
     }
 }
 
