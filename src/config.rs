@@ -487,10 +487,11 @@ impl Config {
         let raw = match path {
             None => RawConfig::default(),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
-                    path: p.to_path_buf(),
-                    source,
-                })?;
+                let text =
+                    read_capped_text(p, MAX_SIDE_FILE).map_err(|source| ConfigError::Read {
+                        path: p.to_path_buf(),
+                        source,
+                    })?;
                 Self::parse_raw(&text, p)?
             }
         };
@@ -523,6 +524,33 @@ fn duration(
         Some(s) => humantime::parse_duration(s)
             .map_err(|e| invalid(key, format!("{s:?} is not a duration like \"15s\": {e}"))),
     }
+}
+
+/// Largest auxiliary file the daemon reads at start or on SIGHUP (manifests, keys,
+/// certificates, plugin configs): more is an error, not a truncation.
+pub const MAX_SIDE_FILE: u64 = 1 << 20;
+
+/// Reads at most `max` bytes of `path`; a larger file is an `InvalidData` error naming the
+/// limit, read no further. Blocking.
+pub fn read_capped_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// As [`read_capped_file`], as UTF-8 text.
+pub fn read_capped_text(path: &Path, max: u64) -> std::io::Result<String> {
+    String::from_utf8(read_capped_file(path, max)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Parses sizes like `"256MiB"`, `"10GB"`, `"4096"`.
@@ -662,7 +690,7 @@ impl RawConfig {
         }
         let mut ca_pems = Vec::new();
         for path in &self.tls.ca_files {
-            let pem = std::fs::read(path)
+            let pem = read_capped_file(path, MAX_SIDE_FILE)
                 .map_err(|e| invalid("tls.ca_files", format!("reading {}: {e}", path.display())))?;
             reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
                 invalid(
@@ -949,6 +977,19 @@ mod tests {
         assert_eq!(c.cache.max_size, None);
         assert_eq!(c.cache.memory_size, 64 << 20);
         assert_eq!(c.admin_socket.file_name().unwrap(), "admin.sock");
+    }
+
+    #[test]
+    // Fixture files, not cache files.
+    #[allow(clippy::disallowed_methods)]
+    fn side_files_over_their_cap_are_refused_not_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![b'x'; 11]).unwrap();
+        assert_eq!(read_capped_file(&p, 11).unwrap().len(), 11);
+        let e = read_capped_file(&p, 10).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("larger than 10 bytes"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::api::FetchBody;
 use crate::auth::Secret;
 
 /// Largest manifest file read.
-pub const MAX_FILE: u64 = 1 << 20;
+pub const MAX_FILE: u64 = crate::config::MAX_SIDE_FILE;
 /// Most files read from one directory.
 pub const MAX_FILES: usize = 10_000;
 
@@ -126,15 +126,8 @@ pub fn parse(text: &str) -> Result<Vec<Item>, String> {
 
 /// Reads `path` (at most [`MAX_FILE`] bytes) and parses it.
 pub fn read_file(path: &Path) -> Result<Vec<Item>, String> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut text = String::new();
-    f.take(MAX_FILE + 1)
-        .read_to_string(&mut text)
+    let text = crate::config::read_capped_text(path, MAX_FILE)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    if text.len() as u64 > MAX_FILE {
-        return Err(format!("{}: larger than {MAX_FILE} bytes", path.display()));
-    }
     parse(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 

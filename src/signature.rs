@@ -24,6 +24,8 @@ use crate::digest::Digest;
 pub const MAX_PAYLOAD: u64 = 64 << 10;
 /// Most signatures looked at per module.
 pub const MAX_SIGNATURES: usize = 32;
+/// Largest key file read (an RSA-8192 public key is under 2 KiB).
+const MAX_KEY_FILE: u64 = 64 << 10;
 /// Media type of a simple-signing layer.
 pub const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 /// The layer annotation holding the signature.
@@ -83,9 +85,10 @@ impl Key {
     /// Reads a PEM public key (ECDSA P-256 or P-384, Ed25519, RSA).
     pub fn load(path: &Path) -> Result<Key, String> {
         use p256::pkcs8::DecodePublicKey;
-        let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let der =
-            pem_der(&pem).ok_or_else(|| format!("{}: not a PEM public key", path.display()))?;
+        let pem = crate::config::read_capped_text(path, MAX_KEY_FILE)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let (_, der) = p256::pkcs8::der::Document::from_pem(&pem)
+            .map_err(|e| format!("{}: not a PEM public key: {e}", path.display()))?;
         let verifier = if let Ok(k) = p256::ecdsa::VerifyingKey::from_public_key_pem(&pem) {
             Verifier::P256(k)
         } else if let Ok(k) = p384::ecdsa::VerifyingKey::from_public_key_pem(&pem) {
@@ -101,7 +104,7 @@ impl Key {
             ));
         };
         Ok(Key {
-            id: hex::encode(sha2::Sha256::digest(&der))[..16].to_string(),
+            id: hex::encode(sha2::Sha256::digest(der.as_bytes()))[..16].to_string(),
             path: path.to_path_buf(),
             verifier,
         })
@@ -138,20 +141,6 @@ impl Key {
                 .is_ok_and(|s| k.verify(payload, &s).is_ok()),
         }
     }
-}
-
-/// The DER inside the first PEM block of `pem`.
-fn pem_der(pem: &str) -> Option<Vec<u8>> {
-    use base64::Engine as _;
-    let body: String = pem
-        .lines()
-        .skip_while(|l| !l.starts_with("-----BEGIN "))
-        .skip(1)
-        .take_while(|l| !l.starts_with("-----END "))
-        .collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(body.trim())
-        .ok()
 }
 
 /// One `[[signatures.policy]]`.

@@ -136,8 +136,8 @@ struct AuthEntry {
 impl Providers {
     /// Reads `config` (YAML or JSON) and resolves each provider in `bin_dir`. Blocking.
     pub fn load(config: &Path, bin_dir: &Path, timeout: Duration) -> Result<Providers, String> {
-        let text =
-            std::fs::read_to_string(config).map_err(|e| format!("{}: {e}", config.display()))?;
+        let text = crate::config::read_capped_text(config, crate::config::MAX_SIDE_FILE)
+            .map_err(|e| format!("{}: {e}", config.display()))?;
         let raw: RawConfig =
             serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", config.display()))?;
         if raw.kind != "CredentialProviderConfig"

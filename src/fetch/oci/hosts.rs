@@ -156,14 +156,7 @@ fn bad(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 fn read_hosts(file: &Path, make_client: &ClientFactory<'_>) -> Result<Vec<Endpoint>> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(file)
-        .and_then(|f| f.take(MAX_HOSTS_FILE + 1).read_to_string(&mut text))
-        .map_err(|e| bad(file, e))?;
-    if text.len() as u64 > MAX_HOSTS_FILE {
-        return Err(bad(file, format!("larger than {MAX_HOSTS_FILE} bytes")));
-    }
+    let text = crate::config::read_capped_text(file, MAX_HOSTS_FILE).map_err(|e| bad(file, e))?;
     let parsed: HostsFile = toml::from_str(&text).map_err(|e| bad(file, e))?;
     let base = file.parent().unwrap_or(Path::new("."));
     let mut out = Vec::new();
@@ -185,6 +178,11 @@ fn read_hosts(file: &Path, make_client: &ClientFactory<'_>) -> Result<Vec<Endpoi
         out.push(endpoint(&url, entry, make_client).map_err(|e| bad(file, e.message))?);
     }
     Ok(out)
+}
+
+/// A certificate or key file named by a hosts.toml.
+fn read_pem(path: &str) -> std::io::Result<Vec<u8>> {
+    crate::config::read_capped_file(Path::new(path), crate::config::MAX_SIDE_FILE)
 }
 
 fn endpoint(url: &str, entry: HostEntry, make_client: &ClientFactory<'_>) -> Result<Endpoint> {
@@ -211,7 +209,7 @@ fn endpoint(url: &str, entry: HostEntry, make_client: &ClientFactory<'_>) -> Res
         .unwrap_or_else(|| vec!["pull".into(), "resolve".into()]);
     let mut certs = Vec::new();
     for ca in entry.ca.map(StringOrList::into_vec).unwrap_or_default() {
-        let pem = std::fs::read(&ca).map_err(|e| Error::invalid(format!("ca {ca}: {e}")))?;
+        let pem = read_pem(&ca).map_err(|e| Error::invalid(format!("ca {ca}: {e}")))?;
         certs.extend(
             reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| Error::invalid(format!("ca {ca}: {e}")))?,
@@ -230,11 +228,10 @@ fn endpoint(url: &str, entry: HostEntry, make_client: &ClientFactory<'_>) -> Res
                 _ => return Err(Error::invalid(format!("mirror {url}: empty client"))),
             };
             let mut pem =
-                std::fs::read(&cert).map_err(|e| Error::invalid(format!("client {cert}: {e}")))?;
+                read_pem(&cert).map_err(|e| Error::invalid(format!("client {cert}: {e}")))?;
             if let Some(key) = key {
                 pem.extend(
-                    std::fs::read(&key)
-                        .map_err(|e| Error::invalid(format!("client key {key}: {e}")))?,
+                    read_pem(&key).map_err(|e| Error::invalid(format!("client key {key}: {e}")))?,
                 );
             }
             Some(
