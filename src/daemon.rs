@@ -218,7 +218,7 @@ async fn warm(
         let failed: BTreeSet<String> = report
             .modules
             .iter()
-            .filter(|o| o.code.is_some())
+            .filter(|o| o.result == crate::prefetch::Warmed::Failed)
             .map(|o| o.url.clone())
             .collect();
         warmed.extend(items.into_iter().filter(|i| !failed.contains(&i.url)));

@@ -66,6 +66,8 @@ pub struct Request {
 
 /// Requests answered without hyper.
 pub trait Shortcut: Clone + Send + Sync + 'static {
+    /// False when it answers nothing: connections go to hyper at once, unread.
+    const ACTIVE: bool = true;
     /// Whether this request is one of ours.
     fn wants(&self, method: &Method, path: &str) -> bool;
     /// The largest body read here; a larger one (or a chunked one) goes to hyper.
@@ -79,6 +81,7 @@ pub trait Shortcut: Clone + Send + Sync + 'static {
 pub struct Nothing;
 
 impl Shortcut for Nothing {
+    const ACTIVE: bool = false;
     fn wants(&self, _: &Method, _: &str) -> bool {
         false
     }

@@ -175,9 +175,9 @@ pub async fn serve(
 }
 
 /// As [`serve`], with the requests `shortcut` wants answered on the connection itself.
-pub async fn serve_with(
+pub async fn serve_with<S: direct::Shortcut>(
     mut listener: impl Accept,
-    shortcut: impl direct::Shortcut,
+    shortcut: S,
     app: Router,
     limits: ConnSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -207,9 +207,13 @@ pub async fn serve_with(
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let (io, prefix) = match direct::serve(io, &shortcut, &limits, &mut stop).await {
-                direct::Outcome::Closed => return,
-                direct::Outcome::Handoff(io, prefix) => (io, prefix),
+            let (io, prefix) = if !S::ACTIVE {
+                (io, Bytes::new())
+            } else {
+                match direct::serve(io, &shortcut, &limits, &mut stop).await {
+                    direct::Outcome::Closed => return,
+                    direct::Outcome::Handoff(io, prefix) => (io, prefix),
+                }
             };
             serve_hyper(io, prefix, app, limits, stop).await;
         });

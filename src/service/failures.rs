@@ -51,10 +51,9 @@ pub enum Lookup {
 pub struct Failures {
     /// By flight key (location, expected digest, caller).
     map: Mutex<HashMap<String, Failure>>,
-    /// How long a failure is answered from memory (zero: never).
+    /// How long a failure is answered from memory (zero: never); also the longest wait
+    /// between background retries, so at least one runs while a failure is remembered.
     ttl: Duration,
-    /// The longest wait between background retries.
-    retry_max: Duration,
 }
 
 /// Whether a failure with `code` is remembered: what the upstream said or did, not what the
@@ -74,12 +73,11 @@ pub fn remembered(code: Code) -> bool {
 }
 
 impl Failures {
-    /// Remembers failures for `ttl`, retrying in the background at most every `retry_max`.
-    pub fn new(ttl: Duration, retry_max: Duration) -> Failures {
+    /// Remembers failures for `ttl`.
+    pub fn new(ttl: Duration) -> Failures {
         Failures {
             map: Mutex::new(HashMap::new()),
             ttl,
-            retry_max: retry_max.max(FIRST_RETRY),
         }
     }
 
@@ -154,7 +152,7 @@ impl Failures {
         }
         let backoff = FIRST_RETRY
             .saturating_mul(1u32 << attempts.min(16))
-            .min(self.retry_max);
+            .min(self.ttl.max(FIRST_RETRY));
         map.insert(
             key.to_string(),
             Failure {
@@ -196,7 +194,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failure_is_answered_until_its_ttl_and_then_forgotten() {
-        let f = Failures::new(Duration::from_secs(10), Duration::from_secs(60));
+        let f = Failures::new(Duration::from_secs(10));
         f.failed("k", None, &err(Code::UpstreamError));
         assert!(matches!(f.lookup("k", None), Lookup::Failed(e) if e.code == Code::UpstreamError));
         tokio::time::advance(Duration::from_secs(10)).await;
@@ -206,7 +204,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn another_resource_version_goes_upstream() {
-        let f = Failures::new(Duration::from_secs(10), Duration::from_secs(60));
+        let f = Failures::new(Duration::from_secs(10));
         f.failed("k", Some("1"), &err(Code::NotFound));
         assert!(matches!(f.lookup("k", Some("2")), Lookup::Miss));
         assert!(matches!(f.lookup("k", Some("1")), Lookup::Failed(_)));
@@ -214,7 +212,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn one_background_retry_at_a_time_with_backoff() {
-        let f = Failures::new(Duration::from_secs(10), Duration::from_secs(4));
+        let f = Failures::new(Duration::from_secs(10));
         f.failed("k", None, &err(Code::Timeout));
         assert!(matches!(f.lookup("k", None), Lookup::Failed(_)));
         tokio::time::advance(FIRST_RETRY).await;
@@ -235,7 +233,7 @@ mod tests {
 
     #[test]
     fn only_upstream_failures_are_remembered() {
-        let f = Failures::new(Duration::from_secs(10), Duration::from_secs(60));
+        let f = Failures::new(Duration::from_secs(10));
         for code in [
             Code::InvalidRequest,
             Code::Internal,
@@ -250,7 +248,7 @@ mod tests {
 
     #[test]
     fn the_number_of_failures_is_bounded() {
-        let f = Failures::new(Duration::from_secs(10), Duration::from_secs(60));
+        let f = Failures::new(Duration::from_secs(10));
         for i in 0..MAX_ENTRIES + 10 {
             f.failed(&format!("k{i}"), None, &err(Code::NotFound));
         }

@@ -192,7 +192,7 @@ impl Service {
         Service {
             inner: Arc::new(Inner {
                 signatures,
-                failures: Failures::new(on_failure.negative_ttl, on_failure.negative_ttl),
+                failures: Failures::new(on_failure.negative_ttl),
                 stale_if_error: on_failure.stale_if_error,
                 ready: std::sync::atomic::AtomicBool::new(true),
                 cache,

@@ -26,11 +26,7 @@ async fn issue_11_a_pull_through_mirror_serves_with_the_upstream_stopped() {
     let upstream = Registry::start();
     let m = wasm_module("mirror-pull-through", 2000);
     let manifest = push_solo(&Pusher::new(&upstream.addr), "mirror/one", "v1", &m).await;
-    let mirror = Registry::start_with(RegistryOpts {
-        proxy_remote: Some(format!("http://{}", upstream.addr)),
-        ..Default::default()
-    });
-    let counting = CountingProxy::start(&mirror.addr);
+    let (_mirror, counting) = pull_through(&upstream);
     let d = Daemon::start(DaemonOpts {
         tables: format!(
             "[registries.\"{}\"]\nmirrors = [\"http://{}\"]\n",

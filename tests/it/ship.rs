@@ -54,14 +54,16 @@ fn kubernetes_manifests_validate_and_agree_with_each_other() {
     let ds = &yaml_to_json(&dir.join("daemonset.yaml"))[0];
     let spec = &ds["spec"]["template"]["spec"];
     let c = &spec["containers"][0];
-    let probe: Vec<&str> = c["livenessProbe"]["exec"]["command"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
+    let command = |probe: &str| -> Vec<&str> {
+        c[probe]["exec"]["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect()
+    };
     assert_eq!(
-        probe,
+        command("livenessProbe"),
         [
             "/usr/bin/wasm-cache",
             "health",
@@ -70,14 +72,8 @@ fn kubernetes_manifests_validate_and_agree_with_each_other() {
         ]
     );
     // Readiness asks /readyz (held while `[prefetch] ready_after` warming runs).
-    let ready: Vec<&str> = c["readinessProbe"]["exec"]["command"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
     assert_eq!(
-        ready,
+        command("readinessProbe"),
         [
             "/usr/bin/wasm-cache",
             "health",

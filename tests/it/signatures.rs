@@ -296,11 +296,7 @@ async fn issue_12_private_signatures_and_modules_served_by_a_mirror() {
         &[(data, s)],
     )
     .await;
-    let mirror = Registry::start_with(RegistryOpts {
-        proxy_remote: Some(format!("http://{}", upstream.addr)),
-        ..Default::default()
-    });
-    let counting = CountingProxy::start(&mirror.addr);
+    let (_mirror, counting) = pull_through(&upstream);
 
     let d = Daemon::start(DaemonOpts {
         tables: format!(

@@ -128,6 +128,17 @@ impl Drop for Registry {
     }
 }
 
+/// A pull-through mirror of `upstream` (distribution in proxy mode), behind a counting
+/// proxy that tells which requests reached it; the mirror's url is `http://<proxy addr>`.
+pub fn pull_through(upstream: &Registry) -> (Registry, CountingProxy) {
+    let mirror = Registry::start_with(RegistryOpts {
+        proxy_remote: Some(format!("http://{}", upstream.addr)),
+        ..Default::default()
+    });
+    let counting = CountingProxy::start(&mirror.addr);
+    (mirror, counting)
+}
+
 /// The registry and proxy shared by every test of this binary (separate repositories per
 /// test keep them apart).
 pub fn shared() -> &'static (Registry, CountingProxy) {
