@@ -223,6 +223,9 @@ impl Policies {
 
     /// The most specific policy matching `registry/repository` that checks anything.
     pub fn for_repository(&self, registry: &str, repository: &str) -> Option<&Policy> {
+        if self.list.is_empty() {
+            return None;
+        }
         let name = format!("{registry}/{repository}").to_ascii_lowercase();
         self.list
             .iter()

@@ -520,7 +520,20 @@ impl Service {
             .signatures(r, &digest, &caller.credentials())
             .await;
         let verdict = match found {
-            Ok(sigs) => policy.verify(&sigs, &digest, &r.registry, &r.repository),
+            // Parsing and up to MAX_SIGNATURES verifications per key: off the async workers.
+            Ok(sigs) => {
+                let policies = Arc::clone(&self.inner.signatures);
+                let (registry, repository) = (r.registry.clone(), r.repository.clone());
+                tokio::task::spawn_blocking(move || {
+                    policies
+                        .for_repository(&registry, &repository)
+                        .map_or(Err("no policy".to_string()), |p| {
+                            p.verify(&sigs, &digest, &registry, &repository)
+                        })
+                })
+                .await
+                .map_err(|e| Error::internal("verifying signatures", e))?
+            }
             Err(e) if policy.mode == Mode::Enforce => return Err(e),
             Err(e) => Err(format!("fetching signatures: {}", e.message)),
         };

@@ -521,3 +521,39 @@ async fn issue_12_sigstore_bundles_through_the_referrers_fallback_tag() {
         "{body}"
     );
 }
+
+/// Review regression: with several matching credentials, the signature lookup picked its
+/// credential by probing the `.sig` tag; a module signed only with a bundle (no such tag)
+/// then failed with `not_found`. The probe is now the signed manifest itself.
+#[tokio::test]
+async fn issue_12_several_credentials_and_a_bundle_only_signature() {
+    let opts = RegistryOpts {
+        basic_users: vec![("alice".into(), "alice-pw".into())],
+        ..Default::default()
+    };
+    let private = Registry::start_with(opts.clone());
+    let p = Pusher::for_registry(&private, &opts);
+    let keys = tempfile::tempdir().unwrap();
+    let (a_key, a_pub) = keypair(keys.path(), "a");
+    let m = wasm_module("sig-several-creds", 100);
+    let manifest = push_solo(&p, "sigcreds/filter", "v1", &m).await;
+    let bundle = dsse_bundle(keys.path(), &a_key, &manifest.digest);
+    push_bundle(&p, "sigcreds/filter", &manifest, &bundle).await;
+    let d = Daemon::start(DaemonOpts {
+        tables: policy(
+            &format!("{}/sigcreds/*", private.addr),
+            &[&a_pub],
+            "enforce",
+        ),
+        ..Default::default()
+    });
+    // Two entries match; the more specific one is wrong, so the registry must be asked.
+    let secret = docker_config(&[
+        (&format!("{}/sigcreds", private.addr), "mallory", "wrong"),
+        (&private.addr, "alice", "alice-pw"),
+    ]);
+    let a = d
+        .fetch_ok(json!({"url": format!("oci://{}/sigcreds/filter:v1", private.addr), "pullSecret": secret}))
+        .await;
+    assert_eq!(a["digest"], sha(&m));
+}

@@ -65,13 +65,11 @@ impl Mirrors {
 pub type ClientFactory<'a> =
     dyn Fn(Vec<reqwest::Certificate>, Option<reqwest::Identity>, bool) -> Result<Client> + 'a;
 
-/// A hosts.toml as read.
+/// A hosts.toml as read (`server` and other keys are not used: the registry itself is
+/// always the last host).
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct HostsFile {
-    /// The upstream (informational here: the registry itself is tried last).
-    #[allow(dead_code)]
-    server: Option<String>,
     /// Mirrors by url, in file order.
     host: toml::Table,
 }

@@ -434,14 +434,16 @@ impl OciFetcher {
         digest: &Digest,
         creds: &[Credential],
     ) -> Result<Vec<crate::signature::Found>> {
-        let mut unpinned = r.clone();
-        unpinned.digest = None;
-        unpinned.tag = Some(format!("sha256-{}.sig", digest.hex()));
+        // Sessions are opened on the signed manifest itself: with several credentials, the
+        // one the registry accepts is found with a HEAD of a manifest that exists (the
+        // `.sig` tag may not).
+        let mut pinned = r.clone();
+        pinned.digest = Some(*digest);
         // Signatures are checked against keys, so any host may serve them: the mirrors
         // first (anonymous requests only, hosts that may resolve tags), then the registry.
         for ep in self.mirrors_for(r, creds).filter(|ep| ep.resolve) {
             let attempt = async {
-                let s = self.mirror_session(ep, &unpinned)?;
+                let s = self.mirror_session(ep, &pinned)?;
                 self.signatures_at(s, digest).await
             };
             match attempt.await {
@@ -450,7 +452,7 @@ impl OciFetcher {
                 Err(e) => mirror_failed(ep, r, &e),
             }
         }
-        let s = self.authorized_session(&unpinned, creds).await?;
+        let s = self.authorized_session(&pinned, creds).await?;
         self.signatures_at(s, digest).await
     }
 
