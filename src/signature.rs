@@ -512,16 +512,11 @@ impl Policy {
 /// True when a payload's `docker-reference` (`registry/repository`, maybe with a tag or
 /// digest) names `registry/repository`.
 fn names_repository(reference: &str, registry: &str, repository: &str) -> bool {
-    let r = reference.split('@').next().unwrap_or(reference);
-    // A tag is the part after the last ':' when it is after the last '/'.
-    let r = match (r.rfind(':'), r.rfind('/')) {
-        (Some(c), Some(s)) if c > s => &r[..c],
-        _ => r,
-    };
-    let wanted = format!("{registry}/{repository}");
-    r.eq_ignore_ascii_case(&wanted)
-        || (registry == crate::source::DOCKER_HUB
-            && r.eq_ignore_ascii_case(&format!("index.docker.io/{repository}")))
+    // The reference parser of urls: the same Docker Hub aliases, case and grammar.
+    matches!(
+        crate::source::Source::parse(reference),
+        Ok(crate::source::Source::Oci(r)) if r.registry == registry && r.repository == repository
+    )
 }
 
 #[cfg(test)]
@@ -689,8 +684,13 @@ mod tests {
             "acme/acl"
         ));
         assert!(names_repository(
-            "127.0.0.1:5000/acme/acl@sha256:ab",
+            &format!("127.0.0.1:5000/acme/acl@sha256:{}", "ab".repeat(32)),
             "127.0.0.1:5000",
+            "acme/acl"
+        ));
+        assert!(names_repository(
+            "index.docker.io/acme/acl",
+            "docker.io",
             "acme/acl"
         ));
         assert!(!names_repository(
