@@ -50,6 +50,28 @@ pub struct RawConfig {
     pub prefetch: RawPrefetch,
     /// Signature policies.
     pub signatures: RawSignatures,
+    /// The OCI registry endpoint (the read side of the distribution API).
+    pub registry: RawRegistryEndpoint,
+}
+
+/// `[registry]`: the node-local OCI registry endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRegistryEndpoint {
+    /// TCP address of the registry endpoint, e.g. "0.0.0.0:5000" (off when unset; the
+    /// proxies' socket always answers `/v2/`).
+    pub addr: Option<std::net::SocketAddr>,
+    /// PEM certificate chain for TLS on `addr`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key for TLS on `addr`.
+    pub key_file: Option<PathBuf>,
+    /// Aliases for upstream registries as the first path component, e.g.
+    /// `{ internal = "registry.internal:5000" }`.
+    pub upstreams: std::collections::BTreeMap<String, String>,
+    /// Serve any artifact, not only Wasm modules.
+    pub any_artifact: bool,
+    /// How long a tag's manifest is served before it is resolved again, e.g. "60s".
+    pub tag_ttl: Option<String>,
 }
 
 /// `[signatures]`.
@@ -271,6 +293,99 @@ pub struct Config {
     pub prefetch: PrefetchSettings,
     /// Signature policies with their keys.
     pub signatures: std::sync::Arc<crate::signature::Policies>,
+    /// The OCI registry endpoint.
+    pub registry: RegistrySettings,
+}
+
+/// `[registry]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrySettings {
+    /// TCP address of the endpoint, when it has one.
+    pub addr: Option<std::net::SocketAddr>,
+    /// PEM certificate chain and key for TLS on `addr`, read at start.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// Upstream registries (`host[:port]`) by alias.
+    pub upstreams: std::collections::BTreeMap<String, String>,
+    /// Serve any artifact, not only Wasm modules.
+    pub any_artifact: bool,
+    /// How long a tag's manifest is served before it is resolved again.
+    pub tag_ttl: Duration,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        RegistrySettings {
+            addr: None,
+            tls: None,
+            upstreams: Default::default(),
+            any_artifact: false,
+            tag_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RawRegistryEndpoint {
+    /// Checks the aliases, reads the TLS files and fills in defaults.
+    fn validate(self) -> Result<RegistrySettings, ConfigError> {
+        let tls = match (&self.cert_file, &self.key_file) {
+            (None, None) => None,
+            (Some(c), Some(k)) => {
+                let read = |key: &'static str, p: &Path| {
+                    read_capped_file(p, MAX_SIDE_FILE)
+                        .map_err(|e| invalid(key, format!("{}: {e}", p.display())))
+                };
+                Some((read("registry.cert_file", c)?, read("registry.key_file", k)?))
+            }
+            _ => {
+                return Err(invalid(
+                    "registry.cert_file",
+                    "cert_file and key_file go together",
+                ));
+            }
+        };
+        if tls.is_some() && self.addr.is_none() {
+            return Err(invalid(
+                "registry.cert_file",
+                "TLS needs a TCP listener: set registry.addr",
+            ));
+        }
+        let mut upstreams = std::collections::BTreeMap::new();
+        for (alias, target) in self.upstreams {
+            let component_ok = !alias.is_empty()
+                && alias.len() <= 64
+                && alias
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+            if !component_ok {
+                return Err(invalid(
+                    "registry.upstreams",
+                    format!("alias {alias:?} must be one lowercase path component"),
+                ));
+            }
+            let target = target.trim().to_ascii_lowercase();
+            match crate::source::Source::parse(&format!("oci://{target}/probe:latest")) {
+                Ok(crate::source::Source::Oci(r)) if r.registry == target => {}
+                _ => {
+                    return Err(invalid(
+                        "registry.upstreams",
+                        format!("{alias} = {target:?} is not a registry host[:port]"),
+                    ));
+                }
+            }
+            upstreams.insert(alias, target);
+        }
+        Ok(RegistrySettings {
+            addr: self.addr,
+            tls,
+            upstreams,
+            any_artifact: self.any_artifact,
+            tag_ttl: duration(
+                "registry.tag_ttl",
+                &self.tag_ttl,
+                RegistrySettings::default().tag_ttl,
+            )?,
+        })
+    }
 }
 
 /// `[prefetch]`, validated.
@@ -900,7 +1015,9 @@ impl RawConfig {
         };
         let signatures = crate::signature::Policies::load(&self.signatures.policy)
             .map_err(|m| invalid("signatures.policy", m))?;
+        let registry = self.registry.validate()?;
         Ok(Config {
+            registry,
             conn,
             worker_threads,
             prefetch,

@@ -70,6 +70,30 @@ pub struct Record {
     /// The signature check a policy made, when one applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<SignatureCheck>,
+    /// Set on what the registry endpoint stores (a manifest, tag, config or layer exactly as
+    /// the upstream served it): such a record is never a module to `POST /v1/fetch` or
+    /// `GET /v1/modules/...`, but counts in the cache's size, expiry and purges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<RawObject>,
+}
+
+/// An OCI object the registry endpoint serves from the cache, byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawObject {
+    /// The `Content-Type` the upstream served it with.
+    pub media_type: String,
+    /// A manifest (or index), as opposed to a blob.
+    #[serde(default)]
+    pub manifest: bool,
+    /// Manifests: the blobs (config and layers) and child manifests it references, which
+    /// the endpoint may serve from this repository.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refs: Vec<Digest>,
+    /// Manifests: a "compat" image, whose layer must hold a valid `plugin.wasm` before it
+    /// is served.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compat: bool,
 }
 
 /// What a signature policy found for a record.
@@ -167,17 +191,23 @@ impl State {
         Some(old)
     }
 
-    /// The records that serve `module`.
+    /// The module records that serve `module` (the registry endpoint's are not modules).
     fn of_module(&self, module: &Digest) -> impl Iterator<Item = &Record> {
         self.by_module
             .get(module)
             .into_iter()
             .flatten()
             .filter_map(|loc| self.records.get(loc))
+            .filter(|r| r.raw.is_none())
     }
 
-    /// The records that come from `source`.
+    /// The module records that come from `source`.
     fn of_source(&self, source: &str) -> impl Iterator<Item = &Record> {
+        self.raw_of_source(source).filter(|r| r.raw.is_none())
+    }
+
+    /// Every record that comes from `source`, the registry endpoint's included.
+    fn raw_of_source(&self, source: &str) -> impl Iterator<Item = &Record> {
         self.by_source
             .get(source)
             .into_iter()
@@ -796,6 +826,16 @@ impl Index {
         self.read().of_source(source).any(|r| r.module == *module)
     }
 
+    /// The registry endpoint's manifest records of `source` that reference `d` (a blob or
+    /// child manifest it may serve from that repository).
+    pub fn raw_referrers(&self, source: &str, d: &Digest) -> Vec<Record> {
+        self.read()
+            .raw_of_source(source)
+            .filter(|r| r.raw.as_ref().is_some_and(|o| o.refs.contains(d)))
+            .cloned()
+            .collect()
+    }
+
     /// Number of records.
     pub fn len(&self) -> usize {
         self.read().records.len()
@@ -814,6 +854,7 @@ mod tests {
     fn record(location: &str, module: Digest) -> Record {
         Record {
             signature: None,
+            raw: None,
             location: location.into(),
             source: "oci://r/x".into(),
             module,

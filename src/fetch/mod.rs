@@ -123,6 +123,40 @@ pub trait Upstream: Send + Sync + std::fmt::Debug + 'static {
         digest: &'a Digest,
         creds: &'a [Credential],
     ) -> BoxFuture<'a, Result<Vec<crate::signature::Found>>>;
+
+    /// The registry endpoint: manifest `reference` of `r`'s repository exactly as served.
+    fn raw_manifest<'a>(
+        &'a self,
+        r: &'a OciRef,
+        reference: &'a str,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<oci::Authorized<oci::raw::RawManifest>>> {
+        let _ = (r, reference, creds);
+        async { Err(Error::new(Code::Forbidden, "this upstream has no raw content")) }.boxed()
+    }
+
+    /// The registry endpoint: blob `digest` of `r`'s repository exactly as served.
+    fn raw_blob<'a>(
+        &'a self,
+        r: &'a OciRef,
+        digest: &'a Digest,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<oci::Authorized<oci::raw::RawBlob>>> {
+        let _ = (r, digest, creds);
+        async { Err(Error::new(Code::Forbidden, "this upstream has no raw content")) }.boxed()
+    }
+
+    /// The registry endpoint: whether one of `creds` may read `path` (`blobs/<digest>`) of
+    /// `r`'s repository; the credential the registry accepted.
+    fn raw_check<'a>(
+        &'a self,
+        r: &'a OciRef,
+        path: &'a str,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<Option<Credential>>> {
+        let _ = (r, path, creds);
+        async { Err(Error::new(Code::Forbidden, "this upstream has no raw content")) }.boxed()
+    }
 }
 
 impl Upstream for Fetchers {
@@ -169,6 +203,48 @@ impl Upstream for Fetchers {
         async move {
             let source = Source::Oci(r.clone());
             self.bounded(&source, self.oci.signatures(r, digest, creds))
+                .await
+        }
+        .boxed()
+    }
+
+    fn raw_manifest<'a>(
+        &'a self,
+        r: &'a OciRef,
+        reference: &'a str,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<oci::Authorized<oci::raw::RawManifest>>> {
+        let source = Source::Oci(r.clone());
+        async move {
+            self.bounded(&source, self.oci.raw_manifest(r, reference, creds))
+                .await
+        }
+        .boxed()
+    }
+
+    fn raw_blob<'a>(
+        &'a self,
+        r: &'a OciRef,
+        digest: &'a Digest,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<oci::Authorized<oci::raw::RawBlob>>> {
+        let source = Source::Oci(r.clone());
+        async move {
+            self.bounded(&source, self.oci.raw_blob(r, digest, creds))
+                .await
+        }
+        .boxed()
+    }
+
+    fn raw_check<'a>(
+        &'a self,
+        r: &'a OciRef,
+        path: &'a str,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<Option<Credential>>> {
+        let source = Source::Oci(r.clone());
+        async move {
+            self.bounded(&source, self.oci.raw_check(r, path, creds))
                 .await
         }
         .boxed()

@@ -936,6 +936,7 @@ fn check(req: &FetchRequest, f: Fetched) -> Result<(Record, tempfile::NamedTempF
         resolved_at: now,
         versions: Default::default(),
         signature: None,
+        raw: None,
     };
     for want in expected_digests(req) {
         if !rec.answers_to(&want) {

@@ -49,13 +49,26 @@ impl OciFetcher {
         layer: &Descriptor,
         digest: Digest,
     ) -> Result<(tempfile::NamedTempFile, Digest, u64)> {
+        let (file, d, size, _) = self.blob_typed(s, layer.size, digest).await?;
+        Ok((file, d, size))
+    }
+
+    /// [`OciFetcher::blob`] with the blob's declared size (0: unknown), also returning the
+    /// `Content-Type` it was served with.
+    pub(super) async fn blob_typed(
+        &self,
+        s: &mut Session<'_>,
+        declared: u64,
+        digest: Digest,
+    ) -> Result<(tempfile::NamedTempFile, Digest, u64, Option<String>)> {
         let what = format!("blob {digest} of {}/{}", s.registry, s.repository);
         let path = format!("blobs/{digest}");
         let mut attempt = 0;
         let out = loop {
             let resp = self.request(s, Method::GET, &path, "*/*").await?;
+            let media_type = super::raw::content_type(&resp);
             match self.stream_to_store(resp, &what).await {
-                Ok(out) => break out,
+                Ok((f, d, n)) => break (f, d, n, media_type),
                 Err(a) if a.retry && attempt < self.settings.retries => {
                     attempt += 1;
                     let delay = self
@@ -75,12 +88,12 @@ impl OciFetcher {
                 format!("{what}: the registry served content with digest {}", out.1),
             ));
         }
-        if layer.size != 0 && out.2 != layer.size {
+        if declared != 0 && out.2 != declared {
             return Err(Error::new(
                 Code::UpstreamError,
                 format!(
                     "{what}: {} bytes served, the manifest declares {}",
-                    out.2, layer.size
+                    out.2, declared
                 ),
             ));
         }

@@ -91,6 +91,9 @@ pub(super) struct ManifestDoc {
     /// Manifest: the layers.
     #[serde(default)]
     pub(super) layers: Option<Vec<Descriptor>>,
+    /// Manifest: the config blob.
+    #[serde(default)]
+    pub(super) config: Option<Descriptor>,
 }
 
 impl OciFetcher {
@@ -100,6 +103,46 @@ impl OciFetcher {
         s: &mut Session<'_>,
         reference: &str,
     ) -> Result<(ManifestDoc, Digest, String)> {
+        let what = format!("manifest {}/{}:{reference}", s.registry, s.repository);
+        let (body, digest, header_type) = self.manifest_bytes(s, reference).await?;
+        let header_type =
+            header_type.map(|v| v.split(';').next().unwrap_or("").trim().to_string());
+        let doc: ManifestDoc = serde_json::from_slice(&body).map_err(|e| {
+            Error::new(
+                Code::UpstreamError,
+                format!("{what} is not valid JSON: {e}"),
+            )
+        })?;
+        if doc.schema_version != 2 {
+            return Err(Error::new(
+                Code::InvalidModule,
+                format!(
+                    "{what}: unsupported manifest schema version {}",
+                    doc.schema_version
+                ),
+            ));
+        }
+        let media_type = doc.media_type.clone().or(header_type).unwrap_or_else(|| {
+            if doc.manifests.is_some() {
+                OCI_INDEX
+            } else {
+                OCI_MANIFEST
+            }
+            .to_string()
+        });
+        Ok((doc, digest, media_type))
+    }
+}
+
+impl OciFetcher {
+    /// GETs a manifest's bytes exactly as served, capped at [`MAX_MANIFEST`], checked against
+    /// the digest it was asked by and the `Docker-Content-Digest` header. Returns the bytes,
+    /// their digest and the `Content-Type` header.
+    pub(super) async fn manifest_bytes(
+        &self,
+        s: &mut Session<'_>,
+        reference: &str,
+    ) -> Result<(Vec<u8>, Digest, Option<String>)> {
         let what = format!("manifest {}/{}:{reference}", s.registry, s.repository);
         let resp = self
             .request(
@@ -113,7 +156,7 @@ impl OciFetcher {
             .headers()
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(';').next().unwrap_or("").trim().to_string());
+            .map(str::to_string);
         let header_digest = resp
             .headers()
             .get("docker-content-digest")
@@ -150,30 +193,7 @@ impl OciFetcher {
                 format!("{what}: Docker-Content-Digest {hd} does not match the content ({digest})"),
             ));
         }
-        let doc: ManifestDoc = serde_json::from_slice(&body).map_err(|e| {
-            Error::new(
-                Code::UpstreamError,
-                format!("{what} is not valid JSON: {e}"),
-            )
-        })?;
-        if doc.schema_version != 2 {
-            return Err(Error::new(
-                Code::InvalidModule,
-                format!(
-                    "{what}: unsupported manifest schema version {}",
-                    doc.schema_version
-                ),
-            ));
-        }
-        let media_type = doc.media_type.clone().or(header_type).unwrap_or_else(|| {
-            if doc.manifests.is_some() {
-                OCI_INDEX
-            } else {
-                OCI_MANIFEST
-            }
-            .to_string()
-        });
-        Ok((doc, digest, media_type))
+        Ok((body, digest, header_type))
     }
 }
 

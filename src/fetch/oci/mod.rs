@@ -11,6 +11,7 @@
 mod blob;
 pub mod hosts;
 mod manifest;
+pub mod raw;
 mod session;
 
 use std::collections::HashMap;

@@ -1,0 +1,258 @@
+//! Raw content for the registry endpoint: manifests and blobs exactly as the registry serves
+//! them (bytes, digest, `Content-Type`), each checked against its digest, and what a
+//! manifest says about its scope (a Wasm artifact or not) and the blobs it references.
+
+use reqwest::Method;
+use reqwest::header::CONTENT_TYPE;
+
+use super::manifest::{
+    ACCEPT_MANIFESTS, DOCKER_LIST, Descriptor, ManifestDoc, OCI_INDEX, TAR_GZIP_LAYERS,
+    WASM_LAYERS, parse_digest, pick_from_index,
+};
+use super::{Authorized, OciFetcher};
+use crate::auth::Credential;
+use crate::digest::Digest;
+use crate::error::{Code, Error, Result};
+use crate::source::OciRef;
+
+/// Config media types of Wasm artifacts: the CNCF one and Solo's.
+const WASM_CONFIGS: &[&str] = &[
+    "application/vnd.wasm.config.v0+json",
+    "application/vnd.module.wasm.config.v1+json",
+];
+/// Most descriptors a manifest the endpoint serves may list.
+pub const MAX_REFS: usize = 1024;
+
+/// A manifest as the registry served it.
+#[derive(Debug, Clone)]
+pub struct RawManifest {
+    /// The bytes, unchanged.
+    pub bytes: bytes::Bytes,
+    /// Their sha256.
+    pub digest: Digest,
+    /// The `Content-Type` it was served with (or the body's `mediaType`).
+    pub media_type: String,
+}
+
+/// A blob as the registry served it, in a temp file of the store.
+#[derive(Debug)]
+pub struct RawBlob {
+    /// The bytes, checked against the digest asked for.
+    pub file: tempfile::NamedTempFile,
+    /// Size in bytes.
+    pub size: u64,
+    /// The `Content-Type` it was served with.
+    pub media_type: String,
+}
+
+/// What the endpoint needs to know about a manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    /// An image index or manifest list.
+    pub index: bool,
+    /// Manifests: config and layers; indexes: the manifests listed.
+    pub refs: Vec<Digest>,
+    /// Indexes: the entry a Wasm client follows (what decides the index's scope).
+    pub picked: Option<Digest>,
+    /// Manifests: a Wasm artifact (Solo's or the CNCF one) by its media types.
+    pub wasm: bool,
+    /// Manifests: a "compat" image (one tar+gzip layer, which must hold `plugin.wasm`).
+    pub compat: bool,
+}
+
+/// Reads what a manifest references and whether it is a Wasm artifact. `invalid_module` for
+/// something that is not a schema 2 manifest or index, or lists more than [`MAX_REFS`].
+pub fn describe(bytes: &[u8], media_type: &str) -> Result<Described> {
+    let doc: ManifestDoc = serde_json::from_slice(bytes).map_err(|e| {
+        Error::new(
+            Code::InvalidModule,
+            format!("the manifest is not valid JSON: {e}"),
+        )
+    })?;
+    if doc.schema_version != 2 {
+        return Err(Error::new(
+            Code::InvalidModule,
+            format!("unsupported manifest schema version {}", doc.schema_version),
+        ));
+    }
+    let mt = doc.media_type.as_deref().unwrap_or(media_type);
+    let index = matches!(mt, OCI_INDEX | DOCKER_LIST)
+        || (doc.manifests.is_some() && doc.layers.is_none());
+    let digests = |list: &[Descriptor]| -> Result<Vec<Digest>> {
+        if list.len() > MAX_REFS {
+            return Err(Error::new(
+                Code::InvalidModule,
+                format!("the manifest lists {} descriptors, more than {MAX_REFS}", list.len()),
+            ));
+        }
+        list.iter()
+            .map(|d| parse_digest(&d.digest, "descriptor digest"))
+            .collect()
+    };
+    if index {
+        let entries = doc.manifests.unwrap_or_default();
+        let picked = pick_from_index(&entries)
+            .map(|d| parse_digest(&d.digest, "index entry digest"))
+            .transpose()?;
+        return Ok(Described {
+            index: true,
+            refs: digests(&entries)?,
+            picked,
+            wasm: false,
+            compat: false,
+        });
+    }
+    let layers = doc.layers.unwrap_or_default();
+    let mut listed: Vec<Descriptor> = layers.clone();
+    let config_type = doc.config.as_ref().map(|c| c.media_type.clone());
+    listed.extend(doc.config);
+    let wasm = config_type
+        .as_deref()
+        .is_some_and(|t| WASM_CONFIGS.contains(&t))
+        || layers
+            .iter()
+            .any(|l| WASM_LAYERS.contains(&l.media_type.as_str()));
+    let compat = !wasm
+        && layers.len() == 1
+        && TAR_GZIP_LAYERS.contains(&layers[0].media_type.as_str());
+    Ok(Described {
+        index: false,
+        refs: digests(&listed)?,
+        picked: None,
+        wasm,
+        compat,
+    })
+}
+
+impl OciFetcher {
+    /// GETs manifest `reference` (a tag or digest) of `r`'s repository as served, with the
+    /// first of `creds` the registry accepts (anonymously when empty).
+    pub async fn raw_manifest(
+        &self,
+        r: &OciRef,
+        reference: &str,
+        creds: &[Credential],
+    ) -> Result<Authorized<RawManifest>> {
+        let mut s = self.authorized_session(r, creds).await?;
+        let (bytes, digest, header_type) = self.manifest_bytes(&mut s, reference).await?;
+        let media_type = header_type
+            .filter(|t| !t.trim().is_empty())
+            .or_else(|| {
+                serde_json::from_slice::<ManifestDoc>(&bytes)
+                    .ok()
+                    .and_then(|d| d.media_type)
+            })
+            .unwrap_or_else(|| super::OCI_MANIFEST.to_string());
+        Ok(Authorized {
+            value: RawManifest {
+                bytes: bytes.into(),
+                digest,
+                media_type,
+            },
+            credential: s.cred,
+        })
+    }
+
+    /// Streams blob `digest` of `r`'s repository into a temp file (checked against the
+    /// digest, at most `max_module_size` bytes). `r` names a manifest of the repository,
+    /// which the session probes when there are several credentials.
+    pub async fn raw_blob(
+        &self,
+        r: &OciRef,
+        digest: &Digest,
+        creds: &[Credential],
+    ) -> Result<Authorized<RawBlob>> {
+        let mut s = self.authorized_session(r, creds).await?;
+        let (file, _, size, media_type) = self.blob_typed(&mut s, 0, *digest).await?;
+        Ok(Authorized {
+            value: RawBlob {
+                file,
+                size,
+                media_type: media_type.unwrap_or_else(|| "application/octet-stream".into()),
+            },
+            credential: s.cred,
+        })
+    }
+
+    /// Checks with the registry (a `HEAD` of `path`, e.g. `blobs/<digest>`, with a fresh
+    /// token) that one of `creds` (anonymous when empty) may read it; the credential it
+    /// accepted.
+    pub async fn raw_check(
+        &self,
+        r: &OciRef,
+        path: &str,
+        creds: &[Credential],
+    ) -> Result<Option<Credential>> {
+        let candidates: Vec<Option<&Credential>> = if creds.is_empty() {
+            vec![None]
+        } else {
+            creds.iter().map(Some).collect()
+        };
+        let mut last = None;
+        for cred in candidates {
+            let mut s = self.session(r, cred).await?;
+            s.token = None;
+            match self
+                .request(&mut s, Method::HEAD, path, ACCEPT_MANIFESTS)
+                .await
+            {
+                Ok(_) => return Ok(s.cred),
+                Err(e) if e.code == Code::AccessDenied => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::new(Code::AccessDenied, "no credential was accepted")))
+    }
+}
+
+/// The `Content-Type` of a response, as sent.
+pub(super) fn content_type(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    #[test]
+    fn describes_wasm_artifacts_images_and_indexes() {
+        let cncf = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.wasm.config.v0+json","digest":"{}","size":2}},"layers":[{{"mediaType":"application/wasm","digest":"{}","size":8}}]}}"#,
+            d('a'),
+            d('b')
+        );
+        let got = describe(cncf.as_bytes(), super::super::OCI_MANIFEST).unwrap();
+        assert!(got.wasm && !got.compat && !got.index);
+        assert_eq!(got.refs.len(), 2);
+        let image = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":8}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":8}}]}}"#,
+            d('a'),
+            d('b'),
+            d('c')
+        );
+        let got = describe(image.as_bytes(), super::super::OCI_MANIFEST).unwrap();
+        assert!(!got.wasm && !got.compat, "a two-layer image is not a compat image");
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":1,"platform":{{"architecture":"amd64","os":"linux"}}}},{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":1,"platform":{{"architecture":"wasm","os":"wasip1"}}}}]}}"#,
+            d('a'),
+            d('b')
+        );
+        let got = describe(index.as_bytes(), "").unwrap();
+        assert!(got.index);
+        assert_eq!(got.picked, Some(d('b').parse().unwrap()));
+        for bad in ["{}", "[", r#"{"schemaVersion":2,"layers":[{"digest":"../x"}]}"#] {
+            assert_eq!(
+                describe(bad.as_bytes(), "").unwrap_err().code,
+                Code::InvalidModule,
+                "{bad}"
+            );
+        }
+    }
+}
