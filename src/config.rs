@@ -310,6 +310,8 @@ pub struct RegistrySettings {
     pub any_artifact: bool,
     /// How long a tag's manifest is served before it is resolved again.
     pub tag_ttl: Duration,
+    /// Largest blob the endpoint pulls (`max_module_size`).
+    pub max_blob_size: u64,
 }
 
 impl Default for RegistrySettings {
@@ -320,13 +322,14 @@ impl Default for RegistrySettings {
             upstreams: Default::default(),
             any_artifact: false,
             tag_ttl: Duration::from_secs(60),
+            max_blob_size: 256 << 20,
         }
     }
 }
 
 impl RawRegistryEndpoint {
     /// Checks the aliases, reads the TLS files and fills in defaults.
-    fn validate(self) -> Result<RegistrySettings, ConfigError> {
+    fn validate(self, max_blob_size: u64) -> Result<RegistrySettings, ConfigError> {
         let tls = match (&self.cert_file, &self.key_file) {
             (None, None) => None,
             (Some(c), Some(k)) => {
@@ -375,6 +378,7 @@ impl RawRegistryEndpoint {
             upstreams.insert(alias, target);
         }
         Ok(RegistrySettings {
+            max_blob_size,
             addr: self.addr,
             tls,
             upstreams,
@@ -1015,7 +1019,7 @@ impl RawConfig {
         };
         let signatures = crate::signature::Policies::load(&self.signatures.policy)
             .map_err(|m| invalid("signatures.policy", m))?;
-        let registry = self.registry.validate()?;
+        let registry = self.registry.validate(max_module_size)?;
         Ok(Config {
             registry,
             conn,

@@ -110,6 +110,7 @@ pub fn build_service(config: &Config) -> Result<Service, crate::error::Error> {
             limits: config.limits,
             failures: config.fetch.failures,
             signatures: std::sync::Arc::clone(&config.signatures),
+            registry: config.registry.clone(),
         },
         metrics,
     ))

@@ -2,7 +2,7 @@
 //! The admin `stats` command reads the same counters.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
 
@@ -11,7 +11,8 @@ use prometheus::{
 pub struct Metrics {
     /// Where the metrics are registered.
     registry: Registry,
-    /// Fetch requests by result: hit, miss, revalidated, error.
+    /// Requests by interface (`api`: `POST /v1/fetch`; `registry`: the registry endpoint)
+    /// and result: hit, miss, revalidated, stale, error.
     pub lookups: IntCounterVec,
     /// Upstream fetches by scheme and result (success or an error code).
     pub upstream: IntCounterVec,
@@ -35,8 +36,8 @@ pub struct Metrics {
     pub entries: IntGauge,
     /// Bytes of cached modules (set at each scrape).
     pub bytes: IntGauge,
-    /// Time to resolve a fetch request, cache hits included.
-    pub request_seconds: Histogram,
+    /// Time to resolve a request, cache hits included, by interface.
+    pub request_seconds: HistogramVec,
     /// Fetches answered with the cached module because re-resolving failed upstream.
     pub stale_served: IntCounter,
     /// Fetches answered from memory with a failure remembered for `[fetch] negative_ttl`.
@@ -93,12 +94,13 @@ impl Metrics {
         registry
             .register(Box::new(upstream_seconds.clone()))
             .expect("unique metric");
-        let request_seconds = Histogram::with_opts(
+        let request_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "wasm_cache_request_duration_seconds",
-                "Duration of fetch requests, cache hits included.",
+                "Duration of requests, cache hits included, by interface (api, registry).",
             )
             .buckets(buckets),
+            &["interface"],
         )
         .expect("valid metric");
         registry
@@ -107,8 +109,8 @@ impl Metrics {
         Metrics {
             lookups: counter_vec(
                 "wasm_cache_lookups_total",
-                "Fetch requests by result (hit, miss, revalidated, stale, error).",
-                &["result"],
+                "Requests by interface (api, registry) and result (hit, miss, revalidated, stale, error).",
+                &["interface", "result"],
             ),
             upstream: counter_vec(
                 "wasm_cache_upstream_fetches_total",
@@ -181,9 +183,12 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
-    /// The current value of `lookups{result}`.
+    /// The current value of `lookups{result}`, both interfaces together.
     pub fn lookups_of(&self, result: &str) -> u64 {
-        self.lookups.with_label_values(&[result]).get()
+        ["api", "registry"]
+            .iter()
+            .map(|i| self.lookups.with_label_values(&[i, result]).get())
+            .sum()
     }
 }
 
@@ -194,11 +199,11 @@ mod tests {
     #[test]
     fn renders_prefixed_metrics() {
         let m = Metrics::new();
-        m.lookups.with_label_values(&["hit"]).inc();
+        m.lookups.with_label_values(&["api", "hit"]).inc();
         m.upstream.with_label_values(&["oci", "success"]).inc();
         let text = m.render();
         assert!(
-            text.contains("wasm_cache_lookups_total{result=\"hit\"} 1"),
+            text.contains("wasm_cache_lookups_total{interface=\"api\",result=\"hit\"} 1"),
             "{text}"
         );
         assert!(

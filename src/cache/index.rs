@@ -90,10 +90,14 @@ pub struct RawObject {
     /// the endpoint may serve from this repository.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refs: Vec<Digest>,
-    /// Manifests: a "compat" image, whose layer must hold a valid `plugin.wasm` before it
-    /// is served.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub compat: bool,
+    /// Manifests: the layer of a "compat" image, which must hold a valid `plugin.wasm`
+    /// before it is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compat_layer: Option<Digest>,
+    /// In the endpoint's default scope: a Wasm artifact, a compat image, an index leading to
+    /// one, or a blob one of those references.
+    #[serde(default)]
+    pub wasm: bool,
 }
 
 /// What a signature policy found for a record.

@@ -116,6 +116,26 @@ impl Tenancy {
         Ok(Caller { creds, from_secret })
     }
 
+    /// The caller of a registry endpoint request for `r`: the client's own credential (HTTP
+    /// Basic) when it sent one, else the node's credentials.
+    pub async fn caller_with(&self, r: &OciRef, cred: Option<Credential>) -> Caller {
+        let creds = match cred {
+            Some(c) => vec![c],
+            None => self.node.for_ref(r).await,
+        };
+        let creds = creds
+            .into_iter()
+            .map(|c| {
+                let id = self.key.credential_id(&r.registry, &c);
+                (c, id)
+            })
+            .collect();
+        Caller {
+            creds,
+            from_secret: false,
+        }
+    }
+
     /// What the registry's acceptance of `accepted` (anonymous when `None`) grants.
     pub fn grant_for(&self, r: &OciRef, accepted: Option<&Credential>) -> Grant {
         match accepted {

@@ -6,6 +6,7 @@
 pub mod access;
 pub mod failures;
 pub mod plan;
+pub mod registry;
 #[cfg(test)]
 mod tests;
 
@@ -137,6 +138,8 @@ pub struct Settings {
     pub failures: FailureSettings,
     /// Signature policies.
     pub signatures: Arc<crate::signature::Policies>,
+    /// The registry endpoint.
+    pub registry: crate::config::RegistrySettings,
 }
 
 /// The service; cheap to clone.
@@ -172,6 +175,8 @@ struct Inner {
     ready: std::sync::atomic::AtomicBool,
     /// Signature policies.
     signatures: Arc<crate::signature::Policies>,
+    /// The registry endpoint's settings.
+    registry: crate::config::RegistrySettings,
 }
 
 impl Service {
@@ -188,9 +193,11 @@ impl Service {
             limits,
             failures: on_failure,
             signatures,
+            registry,
         } = settings;
         Service {
             inner: Arc::new(Inner {
+                registry,
                 signatures,
                 failures: Failures::new(on_failure.negative_ttl),
                 stale_if_error: on_failure.stale_if_error,
@@ -241,8 +248,10 @@ impl Service {
             Err(_) => "error",
         };
         let m = &self.inner.metrics;
-        m.lookups.with_label_values(&[label]).inc();
-        m.request_seconds.observe(started.elapsed().as_secs_f64());
+        m.lookups.with_label_values(&["api", label]).inc();
+        m.request_seconds
+            .with_label_values(&["api"])
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 

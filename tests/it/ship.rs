@@ -243,9 +243,9 @@ async fn metrics_are_valid_and_count_what_happened() {
     assert_eq!(s, 200);
     let text = String::from_utf8(body).unwrap();
     for want in [
-        "wasm_cache_lookups_total{result=\"hit\"} 1",
-        "wasm_cache_lookups_total{result=\"miss\"} 1",
-        "wasm_cache_lookups_total{result=\"error\"} 1",
+        "wasm_cache_lookups_total{interface=\"api\",result=\"hit\"} 1",
+        "wasm_cache_lookups_total{interface=\"api\",result=\"miss\"} 1",
+        "wasm_cache_lookups_total{interface=\"api\",result=\"error\"} 1",
         "wasm_cache_upstream_fetches_total{result=\"success\",scheme=\"http\"} 1",
         "wasm_cache_upstream_fetches_total{result=\"not_found\",scheme=\"http\"} 1",
         "wasm_cache_entries 1",

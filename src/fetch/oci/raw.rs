@@ -20,6 +20,8 @@ const WASM_CONFIGS: &[&str] = &[
     "application/vnd.wasm.config.v0+json",
     "application/vnd.module.wasm.config.v1+json",
 ];
+/// Largest manifest the endpoint stores (what the fetcher reads).
+pub const MAX_MANIFEST_BYTES: u64 = super::manifest::MAX_MANIFEST;
 /// Most descriptors a manifest the endpoint serves may list.
 pub const MAX_REFS: usize = 1024;
 
@@ -56,8 +58,9 @@ pub struct Described {
     pub picked: Option<Digest>,
     /// Manifests: a Wasm artifact (Solo's or the CNCF one) by its media types.
     pub wasm: bool,
-    /// Manifests: a "compat" image (one tar+gzip layer, which must hold `plugin.wasm`).
-    pub compat: bool,
+    /// Manifests: the layer of a "compat" image (one tar+gzip layer, which must hold
+    /// `plugin.wasm`).
+    pub compat_layer: Option<Digest>,
 }
 
 /// Reads what a manifest references and whether it is a Wasm artifact. `invalid_module` for
@@ -99,7 +102,7 @@ pub fn describe(bytes: &[u8], media_type: &str) -> Result<Described> {
             refs: digests(&entries)?,
             picked,
             wasm: false,
-            compat: false,
+            compat_layer: None,
         });
     }
     let layers = doc.layers.unwrap_or_default();
@@ -112,15 +115,19 @@ pub fn describe(bytes: &[u8], media_type: &str) -> Result<Described> {
         || layers
             .iter()
             .any(|l| WASM_LAYERS.contains(&l.media_type.as_str()));
-    let compat = !wasm
-        && layers.len() == 1
-        && TAR_GZIP_LAYERS.contains(&layers[0].media_type.as_str());
+    let refs = digests(&listed)?;
+    let compat_layer = match layers.as_slice() {
+        [only] if !wasm && TAR_GZIP_LAYERS.contains(&only.media_type.as_str()) => {
+            Some(parse_digest(&only.digest, "layer digest")?)
+        }
+        _ => None,
+    };
     Ok(Described {
         index: false,
-        refs: digests(&listed)?,
+        refs,
         picked: None,
         wasm,
-        compat,
+        compat_layer,
     })
 }
 
@@ -229,7 +236,7 @@ mod tests {
             d('b')
         );
         let got = describe(cncf.as_bytes(), super::super::OCI_MANIFEST).unwrap();
-        assert!(got.wasm && !got.compat && !got.index);
+        assert!(got.wasm && got.compat_layer.is_none() && !got.index);
         assert_eq!(got.refs.len(), 2);
         let image = format!(
             r#"{{"schemaVersion":2,"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":8}},{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":8}}]}}"#,
@@ -238,7 +245,10 @@ mod tests {
             d('c')
         );
         let got = describe(image.as_bytes(), super::super::OCI_MANIFEST).unwrap();
-        assert!(!got.wasm && !got.compat, "a two-layer image is not a compat image");
+        assert!(
+            !got.wasm && got.compat_layer.is_none(),
+            "a two-layer image is not a compat image"
+        );
         let index = format!(
             r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":1,"platform":{{"architecture":"amd64","os":"linux"}}}},{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":1,"platform":{{"architecture":"wasm","os":"wasip1"}}}}]}}"#,
             d('a'),
