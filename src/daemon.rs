@@ -329,6 +329,42 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
             )))
         }
     };
+    let registry_server = match config.registry.addr {
+        None => None,
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    what: "registry.addr",
+                    path: addr.to_string(),
+                    source,
+                })?;
+            let router = crate::registry::router(service.clone());
+            let stop = stopped(stop_rx.clone());
+            let conn = config.conn;
+            Some(match &config.registry.tls {
+                None => {
+                    tracing::info!(%addr, "serving the registry endpoint over plain HTTP");
+                    tokio::spawn(crate::listen::serve(l, router, conn, stop))
+                }
+                Some((cert, key)) => {
+                    let tls = crate::registry::tls::TlsListener::new(
+                        l,
+                        cert,
+                        key,
+                        conn.header_read_timeout,
+                    )
+                    .map_err(|source| ServeError::Bind {
+                        what: "registry.addr",
+                        path: addr.to_string(),
+                        source,
+                    })?;
+                    tracing::info!(%addr, "serving the registry endpoint over TLS");
+                    tokio::spawn(crate::listen::serve(tls, router, conn, stop))
+                }
+            })
+        }
+    };
     let admin_server = tokio::spawn(crate::admin::run(
         admin,
         service.clone(),
@@ -345,7 +381,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let r2 = admin_server.await;
     let _ = sweeper.await;
     warmer.abort();
-    if let Some(m) = metrics_server {
+    for m in [metrics_server, registry_server].into_iter().flatten() {
         let _ = m.await;
     }
     // Last-use times live in memory between sweeps.

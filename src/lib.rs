@@ -9,6 +9,8 @@
 //!   the CLI share; [`listen`]: the connection loop that bounds every connection (header
 //!   and idle timeouts, a cap on open connections), with [`listen::direct`] answering fetches
 //!   and module downloads on the connection itself (`sendfile` for large modules).
+//! - [`registry`]: the OCI registry endpoint (the read side of the distribution API, on the
+//!   proxies' socket and `[registry] addr`), backed by [`service::registry`].
 //! - [`service`]: decides per request: [`service::plan`] (the index lookups behind the pull
 //!   policy), [`service::access`] (callers, access proofs, module-url tokens), and one
 //!   upstream operation per key through [`singleflight`].
@@ -55,6 +57,7 @@ pub mod policy;
 pub mod prefetch;
 #[cfg(test)]
 mod properties;
+pub mod registry;
 pub mod report;
 pub mod server;
 pub mod service;

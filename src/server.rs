@@ -45,6 +45,7 @@ pub fn router(service: Service) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::registry::routes())
         .fallback(no_such_endpoint)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .with_state(service)
@@ -199,7 +200,7 @@ fn error_reply(e: &Error) -> Reply {
 }
 
 /// A reply as an axum response (for connections hyper serves).
-fn into_response(reply: Reply) -> Response {
+pub(crate) fn into_response(reply: Reply) -> Response {
     let (len, body) = match reply.body {
         ReplyBody::Empty(n) => (n, Body::empty()),
         ReplyBody::Bytes(b) => (b.len() as u64, Body::from(b)),
