@@ -337,7 +337,10 @@ impl RawRegistryEndpoint {
                     read_capped_file(p, MAX_SIDE_FILE)
                         .map_err(|e| invalid(key, format!("{}: {e}", p.display())))
                 };
-                Some((read("registry.cert_file", c)?, read("registry.key_file", k)?))
+                Some((
+                    read("registry.cert_file", c)?,
+                    read("registry.key_file", k)?,
+                ))
             }
             _ => {
                 return Err(invalid(

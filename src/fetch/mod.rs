@@ -132,7 +132,13 @@ pub trait Upstream: Send + Sync + std::fmt::Debug + 'static {
         creds: &'a [Credential],
     ) -> BoxFuture<'a, Result<oci::Authorized<oci::raw::RawManifest>>> {
         let _ = (r, reference, creds);
-        async { Err(Error::new(Code::Forbidden, "this upstream has no raw content")) }.boxed()
+        async {
+            Err(Error::new(
+                Code::Forbidden,
+                "this upstream has no raw content",
+            ))
+        }
+        .boxed()
     }
 
     /// The registry endpoint: blob `digest` of `r`'s repository exactly as served.
@@ -143,7 +149,13 @@ pub trait Upstream: Send + Sync + std::fmt::Debug + 'static {
         creds: &'a [Credential],
     ) -> BoxFuture<'a, Result<oci::Authorized<oci::raw::RawBlob>>> {
         let _ = (r, digest, creds);
-        async { Err(Error::new(Code::Forbidden, "this upstream has no raw content")) }.boxed()
+        async {
+            Err(Error::new(
+                Code::Forbidden,
+                "this upstream has no raw content",
+            ))
+        }
+        .boxed()
     }
 
     /// The registry endpoint: whether one of `creds` may read `path` (`blobs/<digest>`) of
@@ -155,7 +167,13 @@ pub trait Upstream: Send + Sync + std::fmt::Debug + 'static {
         creds: &'a [Credential],
     ) -> BoxFuture<'a, Result<Option<Credential>>> {
         let _ = (r, path, creds);
-        async { Err(Error::new(Code::Forbidden, "this upstream has no raw content")) }.boxed()
+        async {
+            Err(Error::new(
+                Code::Forbidden,
+                "this upstream has no raw content",
+            ))
+        }
+        .boxed()
     }
 }
 

@@ -46,7 +46,9 @@ pub fn routes() -> Router<Service> {
 /// The router of the TCP listener: the endpoint only.
 pub fn router(service: Service) -> Router {
     routes()
-        .fallback(|| async { distribution_error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint", None) })
+        .fallback(|| async {
+            distribution_error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such endpoint", None)
+        })
         .with_state(service)
 }
 
@@ -71,7 +73,10 @@ fn distribution_error(
     );
     h.insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
     if status == StatusCode::UNAUTHORIZED {
-        h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(CHALLENGE));
+        h.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(CHALLENGE),
+        );
     }
     if status == StatusCode::METHOD_NOT_ALLOWED {
         h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
@@ -120,8 +125,8 @@ fn basic_credential(headers: &HeaderMap) -> Result<Option<Credential>, Error> {
     let raw = base64::engine::general_purpose::STANDARD
         .decode(rest.trim())
         .map_err(|_| Error::invalid("the Basic credential is not base64"))?;
-    let text = String::from_utf8(raw)
-        .map_err(|_| Error::invalid("the Basic credential is not UTF-8"))?;
+    let text =
+        String::from_utf8(raw).map_err(|_| Error::invalid("the Basic credential is not UTF-8"))?;
     let (user, pass) = text.split_once(':').unwrap_or((text.as_str(), ""));
     if user.is_empty() && pass.is_empty() {
         return Ok(None);

@@ -112,7 +112,9 @@ impl Target {
             return Err(err(
                 StatusCode::NOT_FOUND,
                 "UNSUPPORTED",
-                format!("wasm-cache's registry endpoint does not serve {what}: only manifests and blobs"),
+                format!(
+                    "wasm-cache's registry endpoint does not serve {what}: only manifests and blobs"
+                ),
             ));
         };
         if name.is_empty() || name.len() > MAX_NAME + 64 {
@@ -157,9 +159,8 @@ impl Target {
                 (host, repo.to_string())
             }
         };
-        let mut r = OciRef::parse(&format!("{host}/{repository}")).map_err(|e| {
-            err(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string())
-        })?;
+        let mut r = OciRef::parse(&format!("{host}/{repository}"))
+            .map_err(|e| err(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string()))?;
         if r.registry != crate::source::canonical_registry(&host) {
             // The first component was taken as part of the repository: not a host.
             return Err(err(
@@ -184,9 +185,8 @@ impl Target {
                     format!("{s:?} is not sha256:<64 lowercase hex digits>"),
                 ));
             }
-            s.parse().map_err(|_| {
-                err(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest")
-            })
+            s.parse()
+                .map_err(|_| err(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest"))
         };
         let object = match kind {
             Kind::Blob => Object::Blob(digest(reference)?),
@@ -207,7 +207,10 @@ impl Target {
                 ));
             }
         };
-        Ok(Target { reference: r, object })
+        Ok(Target {
+            reference: r,
+            object,
+        })
     }
 }
 
@@ -216,7 +219,8 @@ mod tests {
     use super::*;
 
     fn parse(path: &str, query: Option<&str>) -> Result<Target, PathError> {
-        let aliases = BTreeMap::from([("internal".to_string(), "registry.internal:5000".to_string())]);
+        let aliases =
+            BTreeMap::from([("internal".to_string(), "registry.internal:5000".to_string())]);
         Target::parse(path, query, &aliases)
     }
 

@@ -265,8 +265,7 @@ impl Service {
                     let grant = tenancy.grant_for(r, resolved.credential.as_ref());
                     self.cache().index().grant(&source, &grant).await?;
                     let by_digest = location(&source, &Object::Manifest(resolved.value));
-                    if resolved.value == prev.module && self.cache().record(&by_digest).is_some()
-                    {
+                    if resolved.value == prev.module && self.cache().record(&by_digest).is_some() {
                         self.in_scope(&prev, &loc)?;
                         let rec = self
                             .cache()

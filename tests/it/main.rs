@@ -7,6 +7,7 @@ mod harness;
 mod admin;
 mod api;
 mod auth;
+mod endpoint;
 mod http_file;
 mod mirrors;
 mod oci;

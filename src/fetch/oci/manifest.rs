@@ -105,8 +105,7 @@ impl OciFetcher {
     ) -> Result<(ManifestDoc, Digest, String)> {
         let what = format!("manifest {}/{}:{reference}", s.registry, s.repository);
         let (body, digest, header_type) = self.manifest_bytes(s, reference).await?;
-        let header_type =
-            header_type.map(|v| v.split(';').next().unwrap_or("").trim().to_string());
+        let header_type = header_type.map(|v| v.split(';').next().unwrap_or("").trim().to_string());
         let doc: ManifestDoc = serde_json::from_slice(&body).map_err(|e| {
             Error::new(
                 Code::UpstreamError,

@@ -79,13 +79,16 @@ pub fn describe(bytes: &[u8], media_type: &str) -> Result<Described> {
         ));
     }
     let mt = doc.media_type.as_deref().unwrap_or(media_type);
-    let index = matches!(mt, OCI_INDEX | DOCKER_LIST)
-        || (doc.manifests.is_some() && doc.layers.is_none());
+    let index =
+        matches!(mt, OCI_INDEX | DOCKER_LIST) || (doc.manifests.is_some() && doc.layers.is_none());
     let digests = |list: &[Descriptor]| -> Result<Vec<Digest>> {
         if list.len() > MAX_REFS {
             return Err(Error::new(
                 Code::InvalidModule,
-                format!("the manifest lists {} descriptors, more than {MAX_REFS}", list.len()),
+                format!(
+                    "the manifest lists {} descriptors, more than {MAX_REFS}",
+                    list.len()
+                ),
             ));
         }
         list.iter()
@@ -257,7 +260,11 @@ mod tests {
         let got = describe(index.as_bytes(), "").unwrap();
         assert!(got.index);
         assert_eq!(got.picked, Some(d('b').parse().unwrap()));
-        for bad in ["{}", "[", r#"{"schemaVersion":2,"layers":[{"digest":"../x"}]}"#] {
+        for bad in [
+            "{}",
+            "[",
+            r#"{"schemaVersion":2,"layers":[{"digest":"../x"}]}"#,
+        ] {
             assert_eq!(
                 describe(bad.as_bytes(), "").unwrap_err().code,
                 Code::InvalidModule,

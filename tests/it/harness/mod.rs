@@ -114,7 +114,7 @@ pub fn wait_until(what: &str, tries: usize, every: Duration, mut ready: impl FnM
     panic!("timed out waiting for {what}");
 }
 
-fn which(bin: &str) -> PathBuf {
+pub fn which(bin: &str) -> PathBuf {
     for dir in std::env::var("PATH").unwrap_or_default().split(':') {
         let p = Path::new(dir).join(bin);
         if p.is_file() {
