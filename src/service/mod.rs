@@ -518,11 +518,32 @@ impl Service {
     /// Checks `rec`'s signature under the policy that applies to `req` (if any) and notes
     /// the result on it; `signature_invalid` when the policy enforces and no key verifies.
     async fn signed(&self, req: &FetchRequest, caller: &Caller, mut rec: Record) -> Result<Record> {
-        use crate::signature::Mode;
-        let Some((r, policy)) = self.policy_for(req) else {
+        let Source::Oci(r) = &req.source else {
             return Ok(rec);
         };
-        let digest = rec.top_digest();
+        if let Some(check) = self.signature_check(r, rec.top_digest(), caller).await? {
+            rec.signature = Some(check);
+        }
+        Ok(rec)
+    }
+
+    /// Checks the signature of manifest `digest` of `r`'s repository under the policy that
+    /// applies (`None`: none does): the check to record, or `signature_invalid` when the
+    /// policy enforces and no key verifies.
+    async fn signature_check(
+        &self,
+        r: &OciRef,
+        digest: Digest,
+        caller: &Caller,
+    ) -> Result<Option<crate::cache::index::SignatureCheck>> {
+        use crate::signature::Mode;
+        let Some(policy) = self
+            .inner
+            .signatures
+            .for_repository(&r.registry, &r.repository)
+        else {
+            return Ok(None);
+        };
         let found = self
             .inner
             .upstream
@@ -551,20 +572,18 @@ impl Service {
             Ok(key) => {
                 m.with_label_values(&["verified"]).inc();
                 tracing::info!(source = %r, digest = %digest, key = %key, "signature verified");
-                rec.signature = Some(crate::cache::index::SignatureCheck {
+                Ok(Some(crate::cache::index::SignatureCheck {
                     keyset: policy.keyset.clone(),
                     key: Some(key),
-                });
-                Ok(rec)
+                }))
             }
             Err(why) if policy.mode == Mode::Warn => {
                 m.with_label_values(&["warned"]).inc();
                 tracing::warn!(source = %r, digest = %digest, policy = %policy.pattern, reason = %why, "signature not verified (policy mode warn: served)");
-                rec.signature = Some(crate::cache::index::SignatureCheck {
+                Ok(Some(crate::cache::index::SignatureCheck {
                     keyset: policy.keyset.clone(),
                     key: None,
-                });
-                Ok(rec)
+                }))
             }
             Err(why) => {
                 m.with_label_values(&["refused"]).inc();

@@ -73,6 +73,18 @@ fn out_of_scope(what: &str) -> Error {
     )
 }
 
+/// `signature_invalid` for a blob no manifest verified under `policy` references.
+fn unverified_blob(source: &str, digest: &Digest, policy: &crate::signature::Policy) -> Error {
+    Error::new(
+        Code::SignatureInvalid,
+        format!(
+            "{source}: blob {digest} is not referenced by a manifest verified under the current \
+             keys of policy {:?}; pull the manifest first",
+            policy.pattern
+        ),
+    )
+}
+
 impl Service {
     /// The registry endpoint's settings.
     pub fn registry_settings(&self) -> &RegistrySettings {
@@ -157,19 +169,82 @@ impl Service {
             };
             if current {
                 self.in_scope(&rec, &loc)?;
-                return self.raw_authorize(r, object, caller, rec).await;
+                let outcome = self.raw_authorize(r, object, caller, rec).await?;
+                return self.ensure_raw_signed(r, caller, outcome).await;
             }
         }
         let key = format!("raw|{loc}|{}", caller.flight_key());
         let this = self.clone();
-        let (r, object, caller) = (r.clone(), object.clone(), caller.clone());
+        let (r2, object2, caller2) = (r.clone(), object.clone(), caller.clone());
         let work = async move {
-            match &object {
-                Object::Blob(d) => this.pull_blob(&r, d, &caller).await,
-                _ => this.pull_manifest(&r, &object, &caller, depth).await,
+            match &object2 {
+                Object::Blob(d) => this.pull_blob(&r2, d, &caller2).await,
+                _ => this.pull_manifest(&r2, &object2, &caller2, depth).await,
             }
         };
-        self.join(key, work).await
+        let outcome = self.join(key, work).await?;
+        self.ensure_raw_signed(r, caller, outcome).await
+    }
+
+    /// `outcome` once its record's signature check is current under the policy that applies
+    /// to the repository (if any): its own check, or one it inherits from a manifest that
+    /// references it and is verified (an index's manifests, a manifest's blobs). A manifest
+    /// checked under another key set is checked again; a blob no verified manifest
+    /// references is `signature_invalid`.
+    async fn ensure_raw_signed(
+        &self,
+        r: &OciRef,
+        caller: &Caller,
+        outcome: Outcome,
+    ) -> Result<Outcome> {
+        let rec = &outcome.record;
+        let Some(policy) = self
+            .inner
+            .signatures
+            .for_repository(&r.registry, &r.repository)
+        else {
+            return Ok(outcome);
+        };
+        if super::check_is_current(policy, rec) {
+            return Ok(outcome);
+        }
+        let check = match self.inherited_check(policy, &rec.source, &rec.module) {
+            Some(c) => c,
+            None if rec.raw.as_ref().is_some_and(|o| o.manifest) => self
+                .signature_check(r, rec.module, caller)
+                .await?
+                .ok_or_else(|| Error::internal("checking a signature", "no policy"))?,
+            None => return Err(unverified_blob(&rec.source, &rec.module, policy)),
+        };
+        let location = rec.location.clone();
+        let fallback = rec.clone();
+        let record = self
+            .cache()
+            .index()
+            .update(&location, move |now| {
+                let mut r = now.cloned().unwrap_or(fallback);
+                r.signature = Some(check);
+                Some(r)
+            })
+            .await?
+            .ok_or_else(|| Error::internal("recording a signature check", "vanished"))?;
+        Ok(Outcome { record, ..outcome })
+    }
+
+    /// The check object `digest` of `source` inherits from a manifest of the repository
+    /// that references it and is current under `policy`.
+    fn inherited_check(
+        &self,
+        policy: &crate::signature::Policy,
+        source: &str,
+        digest: &Digest,
+    ) -> Option<crate::cache::index::SignatureCheck> {
+        self.cache()
+            .index()
+            .raw_referrers(source, digest)
+            .into_iter()
+            .find(|p| super::check_is_current(policy, p))
+            .and_then(|p| p.signature)
     }
 
     /// `DENIED` for a record outside the endpoint's scope.
@@ -319,25 +394,15 @@ impl Service {
         let what = format!("{source}@{}", m.digest);
         let described = describe(&m.bytes, &m.media_type)?;
         let mut wasm = described.wasm || described.compat_layer.is_some();
-        if described.index {
-            // An index is in scope when the entry a Wasm client follows is.
-            wasm = match described.picked {
-                Some(child) if depth < MAX_DEPTH => {
-                    let child = Object::Manifest(child);
-                    let followed = self.registry_object(r, &child, caller, depth + 1).await;
-                    match followed {
-                        Ok(o) => o.record.raw.is_some_and(|o| o.wasm),
-                        Err(e) if e.code == Code::Forbidden => false,
-                        Err(e) => return Err(e),
-                    }
-                }
-                _ => false,
-            };
-        }
-        if !wasm && !self.inner.registry.any_artifact {
+        if !wasm && !described.index && !self.inner.registry.any_artifact {
             self.observe_raw(r, "manifest", started, Err(&out_of_scope(&what)));
             return Err(out_of_scope(&what));
         }
+        // Checked before anything is stored, and before an index's manifests are followed
+        // (they inherit its check).
+        let signature = self
+            .new_manifest_signature(r, caller, &source, m.digest)
+            .await?;
         let raw = RawObject {
             media_type: m.media_type.clone(),
             manifest: true,
@@ -352,8 +417,9 @@ impl Service {
         w.write(&m.bytes).await?;
         let (file, digest, size) = w.finish().await?;
         let now = now_millis();
+        let by_digest = location(&source, &Object::Manifest(digest));
         let rec = Record {
-            location: location(&source, &Object::Manifest(digest)),
+            location: by_digest.clone(),
             source: source.clone(),
             module: digest,
             size,
@@ -363,12 +429,42 @@ impl Service {
             fetched_at: now,
             resolved_at: now,
             versions: Default::default(),
-            signature: None,
+            signature,
             raw: Some(raw),
         };
         self.cache().index().grant(&source, &grant).await?;
-        let stored = self.cache().install(file, rec, |_, new| new).await?;
+        let mut stored = self.cache().install(file, rec, |_, new| new).await?;
         self.observe_raw(r, "manifest", started, Ok(size));
+        if described.index {
+            // An index is in scope when the manifest a Wasm client follows from it is.
+            if let Some(child) = described.picked
+                && depth < MAX_DEPTH
+            {
+                let child = Object::Manifest(child);
+                wasm = match self.registry_object(r, &child, caller, depth + 1).await {
+                    Ok(o) => o.record.raw.is_some_and(|o| o.wasm),
+                    Err(e) if e.code == Code::Forbidden => false,
+                    Err(e) => return Err(e),
+                };
+            }
+            if wasm {
+                stored = self
+                    .cache()
+                    .index()
+                    .update(&by_digest, |now| {
+                        let mut rec = now.cloned()?;
+                        if let Some(o) = rec.raw.as_mut() {
+                            o.wasm = true;
+                        }
+                        Some(rec)
+                    })
+                    .await?
+                    .ok_or_else(|| Error::internal("recording an index", "vanished"))?;
+            }
+        }
+        if !wasm && !self.inner.registry.any_artifact {
+            return Err(out_of_scope(&what));
+        }
         let stored = match object {
             Object::Tag(_) => {
                 let tag_rec = Record {
@@ -388,6 +484,28 @@ impl Service {
             cache: CacheStatus::Miss,
             grant,
         })
+    }
+
+    /// The signature check of a manifest just pulled, under the policy that applies (if
+    /// any): inherited from a verified manifest that references it, else its own.
+    async fn new_manifest_signature(
+        &self,
+        r: &OciRef,
+        caller: &Caller,
+        source: &str,
+        digest: Digest,
+    ) -> Result<Option<crate::cache::index::SignatureCheck>> {
+        let Some(policy) = self
+            .inner
+            .signatures
+            .for_repository(&r.registry, &r.repository)
+        else {
+            return Ok(None);
+        };
+        match self.inherited_check(policy, source, &digest) {
+            Some(c) => Ok(Some(c)),
+            None => self.signature_check(r, digest, caller).await,
+        }
     }
 
     /// Pulls a blob a cached manifest of the repository references (any blob under
@@ -411,6 +529,14 @@ impl Service {
             } else {
                 out_of_scope(&format!("{source}: blob {digest}"))
             });
+        }
+        if let Some(policy) = self
+            .inner
+            .signatures
+            .for_repository(&r.registry, &r.repository)
+            && self.inherited_check(policy, &source, digest).is_none()
+        {
+            return Err(unverified_blob(&source, digest, policy));
         }
         let compat = referrers
             .iter()

@@ -753,3 +753,85 @@ async fn tls_on_the_tcp_listener() {
             .is_err()
     );
 }
+
+/// A signature policy holds on the endpoint too: a signed manifest (and what an index that is
+/// signed leads to) is served; an unsigned one, and its blobs, are `DENIED`.
+#[tokio::test]
+async fn signature_policies_hold_on_the_endpoint() {
+    use crate::signatures::{keypair, payload, policy, push_signatures, sign};
+    let (reg, proxy) = shared();
+    let p = Pusher::new(&reg.addr);
+    let repo = "endpoint/signed";
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = keypair(keys.path(), "k");
+    let reference = format!("{}/{repo}", proxy.addr);
+    let sign_for = |digest: &str| {
+        let data = payload(&reference, digest);
+        let sig = sign(keys.path(), &key, &data);
+        (data, sig)
+    };
+    let (signed, signed_layer) =
+        push_cncf(&p, repo, "signed", &wasm_module("endpoint-signed", 50)).await;
+    push_signatures(&p, repo, &signed.digest, &[sign_for(&signed.digest)]).await;
+    let (unsigned, unsigned_layer) =
+        push_cncf(&p, repo, "unsigned", &wasm_module("endpoint-unsigned", 50)).await;
+    let (child, _) = push_cncf(&p, repo, "child", &wasm_module("endpoint-signed-child", 50)).await;
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": mt::OCI_INDEX,
+        "manifests": [{"mediaType": mt::OCI_MANIFEST, "digest": child.digest, "size": child.size,
+                       "platform": {"architecture": "wasm", "os": "wasip1"}}],
+    });
+    let idx = p.manifest(repo, "multi", mt::OCI_INDEX, &index).await;
+    push_signatures(&p, repo, &idx.digest, &[sign_for(&idx.digest)]).await;
+
+    let e = endpoint(&format!(
+        "\n{}",
+        policy(
+            &format!("{}/endpoint/**", proxy.addr),
+            &[&public],
+            "enforce"
+        )
+    ));
+    let base = format!("http://{}/v2/up/{repo}", e.addr);
+    let r = get(&format!("{base}/manifests/signed")).await;
+    assert_eq!(r.status(), 200);
+    let r = get(&format!("{base}/blobs/{}", signed_layer.digest)).await;
+    assert_eq!(r.status(), 200);
+    let r = get(&format!("{base}/manifests/unsigned")).await;
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["code"], "DENIED");
+    assert_eq!(v["errors"][0]["detail"]["code"], "signature_invalid");
+    let r = get(&format!("{base}/manifests/{}", unsigned.digest)).await;
+    assert_eq!(r.status(), 403);
+    let r = get(&format!("{base}/blobs/{}", unsigned_layer.digest)).await;
+    assert_eq!(
+        r.status(),
+        403,
+        "a blob only an unsigned manifest references"
+    );
+    assert_eq!(
+        proxy.count(&format!("GET /v2/{repo}/blobs/{}", unsigned_layer.digest)),
+        0
+    );
+    // The signed index's manifest inherits its check: skopeo copies the whole index.
+    let dir = tempfile::tempdir().unwrap();
+    let dest = format!("oci:{}:multi", dir.path().display());
+    let img = format!("docker://{}/up/{repo}:multi", e.addr);
+    let (ok, _, err) = skopeo(&[
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        "--src-no-creds",
+        &img,
+        &dest,
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        dir.path()
+            .join("blobs/sha256")
+            .join(&child.digest[7..])
+            .is_file()
+    );
+}

@@ -16,4 +16,4 @@ mod providers;
 mod registry_access;
 mod serving;
 mod ship;
-mod signatures;
+pub(crate) mod signatures;

@@ -24,7 +24,7 @@ fn openssl(args: &[&str]) -> Vec<u8> {
 }
 
 /// A P-256 key pair in `dir`: (private, public) PEM paths.
-fn keypair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+pub(crate) fn keypair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let private = dir.join(format!("{name}.key"));
     let public = dir.join(format!("{name}.pub"));
     let (p, q) = (private.to_str().unwrap(), public.to_str().unwrap());
@@ -42,7 +42,7 @@ fn keypair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 }
 
 /// cosign's simple-signing payload for `manifest` of `reference`.
-fn payload(reference: &str, manifest: &str) -> Vec<u8> {
+pub(crate) fn payload(reference: &str, manifest: &str) -> Vec<u8> {
     json!({
         "critical": {
             "identity": {"docker-reference": reference},
@@ -56,7 +56,7 @@ fn payload(reference: &str, manifest: &str) -> Vec<u8> {
 }
 
 /// The base64 ECDSA signature of `data` by `key`.
-fn sign(dir: &Path, key: &Path, data: &[u8]) -> String {
+pub(crate) fn sign(dir: &Path, key: &Path, data: &[u8]) -> String {
     let file = dir.join("payload.json");
     std::fs::write(&file, data).unwrap();
     let sig = openssl(&[
@@ -70,7 +70,12 @@ fn sign(dir: &Path, key: &Path, data: &[u8]) -> String {
 }
 
 /// Pushes `signatures` (payload, base64 signature) for `manifest` of `repo` as cosign does.
-async fn push_signatures(p: &Pusher, repo: &str, manifest: &str, signatures: &[(Vec<u8>, String)]) {
+pub(crate) async fn push_signatures(
+    p: &Pusher,
+    repo: &str,
+    manifest: &str,
+    signatures: &[(Vec<u8>, String)],
+) {
     let config = p
         .blob(repo, "application/vnd.oci.image.config.v1+json", b"{}")
         .await;
@@ -95,7 +100,7 @@ async fn push_signatures(p: &Pusher, repo: &str, manifest: &str, signatures: &[(
         .await;
 }
 
-fn policy(pattern: &str, keys: &[&Path], mode: &str) -> String {
+pub(crate) fn policy(pattern: &str, keys: &[&Path], mode: &str) -> String {
     let keys: Vec<String> = keys.iter().map(|k| format!("{k:?}")).collect();
     format!(
         "[[signatures.policy]]\nmatch = {pattern:?}\nkeys = [{}]\nmode = {mode:?}\n",
