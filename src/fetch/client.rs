@@ -12,6 +12,25 @@ use crate::error::{Code, Error, Result};
 use crate::netguard::{NetGuard, is_denied};
 use crate::source::redact_for_error;
 
+/// The header every upstream request of this process carries: the registry endpoint refuses
+/// a request that carries its own process's id (a path that names this wasm-cache as its
+/// own upstream would otherwise pull through itself until the connections run out).
+pub const HOP_HEADER: &str = "wasm-cache-hop";
+
+/// This process's hop id (random per process).
+pub fn hop_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let seed = format!(
+            "{}|{:?}|{:p}",
+            std::process::id(),
+            std::time::SystemTime::now(),
+            &ID
+        );
+        crate::digest::Digest::of(seed.as_bytes()).hex()[..16].to_string()
+    })
+}
+
 /// Builds a client whose every connection passes the network guard, trusting the
 /// configured extra roots; `insecure` also accepts any certificate.
 pub fn build_client(config: &Config, guard: &Arc<NetGuard>, insecure: bool) -> Result<Client> {
@@ -39,8 +58,15 @@ pub fn build_client_with(
     });
     // The one constructor of upstream clients (clippy.toml bans the others).
     #[allow(clippy::disallowed_methods)]
+    let mut hop = reqwest::header::HeaderMap::new();
+    hop.insert(
+        HOP_HEADER,
+        reqwest::header::HeaderValue::from_str(hop_id())
+            .map_err(|e| Error::internal("the hop header", e))?,
+    );
     let mut b = Client::builder()
         .user_agent(concat!("wasm-cache/", env!("CARGO_PKG_VERSION")))
+        .default_headers(hop)
         .no_proxy()
         .redirect(policy)
         .connect_timeout(config.fetch.request_timeout)

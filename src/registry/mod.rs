@@ -183,6 +183,18 @@ async fn object(
     if method != Method::GET && method != Method::HEAD {
         return not_allowed();
     }
+    let hop = crate::fetch::client::HOP_HEADER;
+    if headers
+        .get(hop)
+        .is_some_and(|v| v.as_bytes() == crate::fetch::client::hop_id().as_bytes())
+    {
+        return distribution_error(
+            StatusCode::LOOP_DETECTED,
+            "DENIED",
+            "request loop: the upstream named in the path is this wasm-cache itself",
+            None,
+        );
+    }
     let target = match Target::parse(
         uri.path(),
         uri.query(),

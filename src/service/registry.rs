@@ -174,6 +174,12 @@ impl Service {
             }
         }
         let key = format!("raw|{loc}|{}", caller.flight_key());
+        // A pull that failed moments ago fails again from memory (a client retrying a
+        // missing tag in a loop costs the upstream one request per `negative_ttl`).
+        if let super::failures::Lookup::Failed(e) = self.inner.failures.lookup(&key, None) {
+            self.inner.metrics.negative_hits.inc();
+            return Err(e);
+        }
         let this = self.clone();
         let (r2, object2, caller2) = (r.clone(), object.clone(), caller.clone());
         let work = async move {
@@ -182,7 +188,16 @@ impl Service {
                 _ => this.pull_manifest(&r2, &object2, &caller2, depth).await,
             }
         };
-        let outcome = self.join(key, work).await?;
+        let outcome = match self.join(key.clone(), work).await {
+            Ok(o) => {
+                self.inner.failures.succeeded(&key);
+                o
+            }
+            Err(e) => {
+                self.inner.failures.failed(&key, None, &e);
+                return Err(e);
+            }
+        };
         self.ensure_raw_signed(r, caller, outcome).await
     }
 
@@ -394,15 +409,15 @@ impl Service {
         let what = format!("{source}@{}", m.digest);
         let described = describe(&m.bytes, &m.media_type)?;
         let mut wasm = described.wasm || described.compat_layer.is_some();
-        if !wasm && !described.index && !self.inner.registry.any_artifact {
-            self.observe_raw(r, "manifest", started, Err(&out_of_scope(&what)));
-            return Err(out_of_scope(&what));
-        }
         // Checked before anything is stored, and before an index's manifests are followed
-        // (they inherit its check).
-        let signature = self
-            .new_manifest_signature(r, caller, &source, m.digest)
-            .await?;
+        // (they inherit its check). A manifest out of scope is stored unchecked, so asking
+        // again is refused from the cache.
+        let signature = if wasm || described.index || self.inner.registry.any_artifact {
+            self.new_manifest_signature(r, caller, &source, m.digest)
+                .await?
+        } else {
+            None
+        };
         let raw = RawObject {
             media_type: m.media_type.clone(),
             manifest: true,
@@ -462,9 +477,6 @@ impl Service {
                     .ok_or_else(|| Error::internal("recording an index", "vanished"))?;
             }
         }
-        if !wasm && !self.inner.registry.any_artifact {
-            return Err(out_of_scope(&what));
-        }
         let stored = match object {
             Object::Tag(_) => {
                 let tag_rec = Record {
@@ -479,6 +491,9 @@ impl Service {
             }
             _ => stored,
         };
+        if !wasm && !self.inner.registry.any_artifact {
+            return Err(out_of_scope(&what));
+        }
         Ok(Outcome {
             record: stored,
             cache: CacheStatus::Miss,

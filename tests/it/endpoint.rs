@@ -19,10 +19,18 @@ struct Endpoint {
 /// Starts a daemon whose `[registry]` table has `addr`, the alias `up` for the shared
 /// registry (through its counting proxy), and `extra` lines.
 fn endpoint_with(upstreams: &str, extra: &str) -> Endpoint {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = extra
+        .strip_prefix("addr = \"")
+        .and_then(|a| a.split('"').next())
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
+    let listen = if extra.starts_with("addr") {
+        String::new()
+    } else {
+        format!("addr = \"{addr}\"\n")
+    };
     let d = Daemon::start(DaemonOpts {
-        tables: format!("[registry]\naddr = \"{addr}\"\nupstreams = {{ {upstreams} }}\n{extra}\n"),
+        tables: format!("[registry]\n{listen}upstreams = {{ {upstreams} }}\n{extra}\n"),
         ..Default::default()
     });
     wait_until(
@@ -91,6 +99,10 @@ async fn push_cncf(p: &Pusher, repo: &str, tag: &str, module: &[u8]) -> (Desc, D
         p.manifest(repo, tag, mt::OCI_MANIFEST, &manifest).await,
         layer,
     )
+}
+
+fn any_log(d: &Daemon) -> String {
+    d.log_text()
 }
 
 fn http() -> reqwest::Client {
@@ -292,9 +304,16 @@ async fn the_distribution_api_over_tcp_and_the_socket() {
     assert_eq!(r.bytes().await.unwrap(), m);
 
     // Errors follow the spec.
-    let r = get(&format!("{base}/v2/up/endpoint/api/manifests/missing")).await;
-    assert_eq!(r.status(), 404);
-    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    for _ in 0..3 {
+        let r = get(&format!("{base}/v2/up/endpoint/api/manifests/missing")).await;
+        assert_eq!(r.status(), 404);
+        assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    }
+    assert_eq!(
+        proxy.count("GET /v2/endpoint/api/manifests/missing"),
+        1,
+        "a missing tag is remembered for negative_ttl"
+    );
     let r = get(&format!("{base}/v2/acme/api/manifests/v1")).await;
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "NAME_UNKNOWN");
@@ -392,9 +411,18 @@ async fn only_wasm_artifacts_unless_any_artifact() {
 
     let e = endpoint("");
     let base = format!("http://{}/v2/up/endpoint/image", e.addr);
-    let r = get(&format!("{base}/manifests/v1")).await;
-    assert_eq!(r.status(), 403);
-    assert_eq!(error_code(r).await, "DENIED");
+    for _ in 0..3 {
+        let r = get(&format!("{base}/manifests/v1")).await;
+        assert_eq!(r.status(), 403);
+        assert_eq!(error_code(r).await, "DENIED");
+    }
+    let (_, proxy) = shared();
+    assert_eq!(
+        proxy.count("GET /v2/endpoint/image/manifests/v1"),
+        1,
+        "refused from the cache: {}",
+        any_log(&e.d)
+    );
     let r = get(&format!("{base}/manifests/one-layer")).await;
     assert_eq!(r.status(), 200);
     let r = get(&format!("{base}/blobs/{}", l3.digest)).await;
@@ -701,6 +729,27 @@ async fn a_tag_older_than_its_ttl_is_re_resolved_with_one_head() {
     assert_eq!(proxy.repo_count("endpoint/ttl"), before + 1);
     assert_eq!(get(&url).await.status(), 200);
     assert_eq!(proxy.repo_count("endpoint/ttl"), before + 1);
+}
+
+/// A path that names this wasm-cache as its own upstream is refused at the first hop, not
+/// pulled through itself until connections and upstream slots run out.
+#[tokio::test]
+async fn a_path_naming_this_endpoint_as_upstream_is_a_loop() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let e = endpoint_with(
+        &format!("up = \"{}\", me = \"{addr}\"", shared().1.addr),
+        &format!("addr = \"{addr}\""),
+    );
+    let base = format!("http://{}", e.addr);
+    let url = format!("{base}/v2/me/me/up/endpoint/loop/manifests/v1");
+    let r = get(&url).await;
+    assert_eq!(
+        r.status(),
+        502,
+        "the inner hop was refused: {}",
+        r.text().await.unwrap()
+    );
+    assert!(e.d.log_text().contains("508"), "{}", e.d.log_text());
 }
 
 #[tokio::test]
