@@ -56,14 +56,14 @@ pub fn build_client_with(
             Err(e) => attempt.error(crate::netguard::Denied(e.message)),
         }
     });
-    // The one constructor of upstream clients (clippy.toml bans the others).
-    #[allow(clippy::disallowed_methods)]
     let mut hop = reqwest::header::HeaderMap::new();
     hop.insert(
         HOP_HEADER,
         reqwest::header::HeaderValue::from_str(hop_id())
             .map_err(|e| Error::internal("the hop header", e))?,
     );
+    // The one constructor of upstream clients (clippy.toml bans the others).
+    #[allow(clippy::disallowed_methods)]
     let mut b = Client::builder()
         .user_agent(concat!("wasm-cache/", env!("CARGO_PKG_VERSION")))
         .default_headers(hop)
