@@ -406,6 +406,7 @@ impl Service {
         };
         let grant = tenancy.grant_for(r, got.credential.as_ref());
         let m = got.value;
+        self.note_mirror(r, m.served_by.as_deref());
         let what = format!("{source}@{}", m.digest);
         let described = describe(&m.bytes, &m.media_type)?;
         let mut wasm = described.wasm || described.compat_layer.is_some();
@@ -574,6 +575,7 @@ impl Service {
         };
         let grant = self.inner.tenancy.grant_for(r, got.credential.as_ref());
         let blob = got.value;
+        self.note_mirror(r, blob.served_by.as_deref());
         if compat {
             // The compat image's layer must hold a valid plugin.wasm.
             let store = self.cache().store().clone();
@@ -640,6 +642,18 @@ impl Service {
             cache: CacheStatus::Miss,
             grant,
         })
+    }
+
+    /// Counts and logs what a mirror served.
+    fn note_mirror(&self, r: &OciRef, mirror: Option<&str>) {
+        if let Some(mirror) = mirror {
+            self.inner
+                .metrics
+                .mirror_served
+                .with_label_values(&[mirror])
+                .inc();
+            tracing::info!(interface = "registry", registry = %r.registry, repository = %r.repository, mirror = %mirror, "served by a registry mirror");
+        }
     }
 
     /// One log line and the upstream metrics of a pull through the endpoint.

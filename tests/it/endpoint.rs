@@ -884,3 +884,53 @@ async fn signature_policies_hold_on_the_endpoint() {
             .is_file()
     );
 }
+
+/// Anonymous pulls through the endpoint use the node's registry mirrors, as module fetches
+/// do: the registry itself sees nothing.
+#[tokio::test]
+async fn anonymous_pulls_go_through_the_nodes_mirrors() {
+    let upstream = Registry::start();
+    let counted = CountingProxy::start(&upstream.addr);
+    let (_mirror, mirror_proxy) = pull_through(&upstream);
+    let p = Pusher::new(&upstream.addr);
+    let m = wasm_module("endpoint-mirrored", 300);
+    let (desc, _) = push_cncf(&p, "endpoint/mirrored", "v1", &m).await;
+    let e = endpoint_with(
+        &format!("iso = \"{}\"", counted.addr),
+        &format!(
+            "\n[registries.\"{}\"]\nmirrors = [\"http://{}\"]\n",
+            counted.addr, mirror_proxy.addr
+        ),
+    );
+    let img = format!("docker://{}/iso/endpoint/mirrored:v1", e.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let dest = format!("oci:{}:m", dir.path().display());
+    let (ok, _, err) = skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--src-no-creds",
+        &img,
+        &dest,
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        dir.path()
+            .join("blobs/sha256")
+            .join(&desc.digest[7..])
+            .is_file()
+    );
+    assert_eq!(
+        counted.repo_count("endpoint/mirrored"),
+        0,
+        "the registry saw nothing"
+    );
+    assert!(
+        mirror_proxy.repo_count("endpoint/mirrored") >= 3,
+        "manifest and two blobs"
+    );
+    let (_, metrics) = e.d.get("/metrics").await;
+    assert!(
+        String::from_utf8_lossy(&metrics).contains("wasm_cache_mirror_served_total"),
+        "mirror metric"
+    );
+}

@@ -34,6 +34,8 @@ pub struct RawManifest {
     pub digest: Digest,
     /// The `Content-Type` it was served with (or the body's `mediaType`).
     pub media_type: String,
+    /// The mirror that served it (`host[:port]`), when not the registry itself.
+    pub served_by: Option<String>,
 }
 
 /// A blob as the registry served it, in a temp file of the store.
@@ -45,6 +47,8 @@ pub struct RawBlob {
     pub size: u64,
     /// The `Content-Type` it was served with.
     pub media_type: String,
+    /// The mirror that served it (`host[:port]`), when not the registry itself.
+    pub served_by: Option<String>,
 }
 
 /// What the endpoint needs to know about a manifest.
@@ -135,51 +139,78 @@ pub fn describe(bytes: &[u8], media_type: &str) -> Result<Described> {
 }
 
 impl OciFetcher {
-    /// GETs manifest `reference` (a tag or digest) of `r`'s repository as served, with the
-    /// first of `creds` the registry accepts (anonymously when empty).
+    /// GETs manifest `reference` (a tag or digest) of `r`'s repository as served: for an
+    /// anonymous request from the node's mirrors first (those that may resolve tags, for a
+    /// tag), then from the registry with the first of `creds` it accepts.
     pub async fn raw_manifest(
         &self,
         r: &OciRef,
         reference: &str,
         creds: &[Credential],
     ) -> Result<Authorized<RawManifest>> {
+        let by_digest = reference.starts_with("sha256:");
+        for ep in self
+            .mirrors_for(r, creds)
+            .filter(|ep| if by_digest { ep.pull } else { ep.resolve })
+        {
+            let attempt = async {
+                let mut s = self.mirror_session(ep, r)?;
+                self.manifest_bytes(&mut s, reference).await
+            };
+            match attempt.await {
+                Ok(got) => {
+                    return Ok(Authorized {
+                        value: raw_manifest(got, Some(ep.name.clone())),
+                        credential: None,
+                    });
+                }
+                Err(e) => super::mirror_failed(ep, r, &e),
+            }
+        }
         let mut s = self.authorized_session(r, creds).await?;
-        let (bytes, digest, header_type) = self.manifest_bytes(&mut s, reference).await?;
-        let media_type = header_type
-            .filter(|t| !t.trim().is_empty())
-            .or_else(|| {
-                serde_json::from_slice::<ManifestDoc>(&bytes)
-                    .ok()
-                    .and_then(|d| d.media_type)
-            })
-            .unwrap_or_else(|| super::OCI_MANIFEST.to_string());
+        let got = self.manifest_bytes(&mut s, reference).await?;
         Ok(Authorized {
-            value: RawManifest {
-                bytes: bytes.into(),
-                digest,
-                media_type,
-            },
+            value: raw_manifest(got, None),
             credential: s.cred,
         })
     }
 
     /// Streams blob `digest` of `r`'s repository into a temp file (checked against the
-    /// digest, at most `max_module_size` bytes). `r` names a manifest of the repository,
-    /// which the session probes when there are several credentials.
+    /// digest, at most `max_module_size` bytes): for an anonymous request from the node's
+    /// mirrors first, then from the registry. `r` names a manifest of the repository, which
+    /// the session probes when there are several credentials.
     pub async fn raw_blob(
         &self,
         r: &OciRef,
         digest: &Digest,
         creds: &[Credential],
     ) -> Result<Authorized<RawBlob>> {
+        let blob = |(file, _, size, media_type): (_, Digest, u64, Option<String>),
+                    served_by: Option<String>| RawBlob {
+            file,
+            size,
+            media_type: media_type.unwrap_or_else(|| "application/octet-stream".into()),
+            served_by,
+        };
+        for ep in self.mirrors_for(r, creds).filter(|ep| ep.pull) {
+            let attempt = async {
+                let mut s = self.mirror_session(ep, r)?;
+                self.blob_typed(&mut s, 0, *digest).await
+            };
+            match attempt.await {
+                Ok(got) => {
+                    return Ok(Authorized {
+                        value: blob(got, Some(ep.name.clone())),
+                        credential: None,
+                    });
+                }
+                Err(e) => super::mirror_failed(ep, r, &e),
+            }
+        }
         let mut s = self.authorized_session(r, creds).await?;
-        let (file, _, size, media_type) = self.blob_typed(&mut s, 0, *digest).await?;
+        let got = self.blob_typed(&mut s, 0, *digest).await?;
         Ok(Authorized {
-            value: RawBlob {
-                file,
-                size,
-                media_type: media_type.unwrap_or_else(|| "application/octet-stream".into()),
-            },
+            value: blob(got, None),
             credential: s.cred,
         })
     }
@@ -212,6 +243,28 @@ impl OciFetcher {
             }
         }
         Err(last.unwrap_or_else(|| Error::new(Code::AccessDenied, "no credential was accepted")))
+    }
+}
+
+/// A manifest as [`OciFetcher::manifest_bytes`] read it: its media type from the
+/// `Content-Type` header, else the body's `mediaType`.
+fn raw_manifest(
+    (bytes, digest, header_type): (Vec<u8>, Digest, Option<String>),
+    served_by: Option<String>,
+) -> RawManifest {
+    let media_type = header_type
+        .filter(|t| !t.trim().is_empty())
+        .or_else(|| {
+            serde_json::from_slice::<ManifestDoc>(&bytes)
+                .ok()
+                .and_then(|d| d.media_type)
+        })
+        .unwrap_or_else(|| super::OCI_MANIFEST.to_string());
+    RawManifest {
+        bytes: bytes.into(),
+        digest,
+        media_type,
+        served_by,
     }
 }
 
