@@ -1074,6 +1074,7 @@ mod tests {
             .validate()
             .unwrap();
         assert_eq!(example.limits, defaults.limits);
+        assert_eq!(example.registry, defaults.registry);
         assert_eq!(example.conn, defaults.conn);
         assert_eq!(example.fetch.max_concurrent, defaults.fetch.max_concurrent);
         assert_eq!(example.fetch.min_rate, defaults.fetch.min_rate);

@@ -99,6 +99,25 @@ fn kubernetes_manifests_validate_and_agree_with_each_other() {
         .collect();
     assert!(host_paths.contains(&config.cache_dir.to_str().unwrap()));
     assert!(host_paths.contains(&config.socket.parent().unwrap().to_str().unwrap()));
+    // The Service reaches the registry endpoint of the client's own node.
+    let svc = &yaml_to_json(&dir.join("service.yaml"))[0];
+    assert_eq!(svc["spec"]["internalTrafficPolicy"], "Local");
+    assert_eq!(
+        svc["spec"]["selector"],
+        ds["spec"]["selector"]["matchLabels"]
+    );
+    let target = svc["spec"]["ports"][0]["targetPort"].as_str().unwrap();
+    let port = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == target)
+        .expect("the Service's targetPort is a container port");
+    assert_eq!(
+        port["containerPort"].as_u64(),
+        config.registry.addr.map(|a| u64::from(a.port())),
+        "the container port is [registry] addr's"
+    );
     // The image's binary is where the probes look for it.
     let containerfile = std::fs::read_to_string(repo_root().join("Containerfile")).unwrap();
     assert!(containerfile.contains("/usr/bin/wasm-cache"));
