@@ -28,6 +28,10 @@ struct World {
     urls: HashMap<String, (Vec<u8>, Option<String>)>,
     /// Private repositories (source keys) -> user names the registry accepts.
     private: HashMap<String, Vec<String>>,
+    /// The registry endpoint's view: manifest digest -> (bytes, media type).
+    raw_manifests: HashMap<Digest, (Vec<u8>, String)>,
+    /// Blob digest -> bytes.
+    raw_blobs: HashMap<Digest, Vec<u8>>,
 }
 
 /// How many calls of each kind the fake answered.
@@ -37,6 +41,9 @@ struct Calls {
     resolve: AtomicUsize,
     verify: AtomicUsize,
     if_changed: AtomicUsize,
+    raw_manifest: AtomicUsize,
+    raw_blob: AtomicUsize,
+    raw_check: AtomicUsize,
 }
 
 /// An in-process upstream with the semantics of a registry and a web server.
@@ -75,6 +82,39 @@ impl Fake {
         w.manifests
             .insert(manifest, (src.source_key(), module.to_vec()));
         manifest
+    }
+
+    /// Pushes a CNCF Wasm artifact of `module` as `oci://reg/repo:tag` for the registry
+    /// endpoint; the manifest digest and the layer digest.
+    fn push_artifact(&self, location: &str, module: &[u8], media_type: &str) -> (Digest, Digest) {
+        self.push_image(location, module, media_type, "application/wasm")
+    }
+
+    /// Pushes a one-layer image with these config and layer media types.
+    fn push_image(
+        &self,
+        location: &str,
+        module: &[u8],
+        media_type: &str,
+        layer_type: &str,
+    ) -> (Digest, Digest) {
+        let src = Source::parse(location).unwrap();
+        let config = b"{}".to_vec();
+        let (cd, ld) = (Digest::of(&config), Digest::of(module));
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"{media_type}","digest":"{cd}","size":2}},"layers":[{{"mediaType":"{layer_type}","digest":"{ld}","size":{}}}]}}"#,
+            crate::fetch::oci::OCI_MANIFEST,
+            module.len()
+        )
+        .into_bytes();
+        let md = Digest::of(&manifest);
+        let mut w = self.w();
+        w.tags.insert(src.location_key(), md);
+        w.raw_manifests
+            .insert(md, (manifest, crate::fetch::oci::OCI_MANIFEST.to_string()));
+        w.raw_blobs.insert(cd, config);
+        w.raw_blobs.insert(ld, module.to_vec());
+        (md, ld)
     }
 
     fn serve(&self, url: &str, module: &[u8], etag: Option<&str>) {
@@ -226,6 +266,90 @@ impl Upstream for Fake {
         async move { Ok(Vec::new()) }.boxed()
     }
 
+    fn raw_manifest<'a>(
+        &'a self,
+        r: &'a OciRef,
+        reference: &'a str,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<Authorized<crate::fetch::oci::raw::RawManifest>>> {
+        async move {
+            self.calls.raw_manifest.fetch_add(1, Ordering::SeqCst);
+            self.pause().await;
+            self.up()?;
+            let credential = self.accept(&Source::Oci(r.clone()).source_key(), creds)?;
+            let digest = match reference.parse::<Digest>() {
+                Ok(d) if reference.starts_with("sha256:") => d,
+                _ => {
+                    let mut tagged = r.clone();
+                    tagged.tag = Some(reference.to_string());
+                    tagged.digest = None;
+                    self.manifest_of(&tagged)?
+                }
+            };
+            let (bytes, media_type) = self
+                .w()
+                .raw_manifests
+                .get(&digest)
+                .cloned()
+                .ok_or_else(|| Error::new(Code::NotFound, "no such manifest"))?;
+            Ok(Authorized {
+                value: crate::fetch::oci::raw::RawManifest {
+                    bytes: bytes.into(),
+                    digest,
+                    media_type,
+                    served_by: None,
+                },
+                credential,
+            })
+        }
+        .boxed()
+    }
+
+    fn raw_blob<'a>(
+        &'a self,
+        r: &'a OciRef,
+        digest: &'a Digest,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<Authorized<crate::fetch::oci::raw::RawBlob>>> {
+        async move {
+            self.calls.raw_blob.fetch_add(1, Ordering::SeqCst);
+            self.pause().await;
+            self.up()?;
+            let credential = self.accept(&Source::Oci(r.clone()).source_key(), creds)?;
+            let bytes = self
+                .w()
+                .raw_blobs
+                .get(digest)
+                .cloned()
+                .ok_or_else(|| Error::new(Code::NotFound, "no such blob"))?;
+            let (file, _, size) = self.write(&bytes).await?;
+            Ok(Authorized {
+                value: crate::fetch::oci::raw::RawBlob {
+                    file,
+                    size,
+                    media_type: "application/octet-stream".into(),
+                    served_by: None,
+                },
+                credential,
+            })
+        }
+        .boxed()
+    }
+
+    fn raw_check<'a>(
+        &'a self,
+        r: &'a OciRef,
+        _path: &'a str,
+        creds: &'a [Credential],
+    ) -> BoxFuture<'a, Result<Option<Credential>>> {
+        async move {
+            self.calls.raw_check.fetch_add(1, Ordering::SeqCst);
+            self.up()?;
+            self.accept(&Source::Oci(r.clone()).source_key(), creds)
+        }
+        .boxed()
+    }
+
     fn fetch_if_changed<'a>(
         &'a self,
         url: &'a reqwest::Url,
@@ -261,8 +385,12 @@ struct Rig {
 }
 
 fn rig_with(verify: VerifyPolicy, max_size: Option<u64>) -> Rig {
+    rig_settings(verify, max_size, Settings::default())
+}
+
+fn rig_settings(verify: VerifyPolicy, max_size: Option<u64>, settings: Settings) -> Rig {
     let dir = tempfile::tempdir().unwrap();
-    let (service, fake) = open(dir.path(), verify, max_size);
+    let (service, fake) = open_with(dir.path(), verify, max_size, settings);
     Rig { dir, service, fake }
 }
 
@@ -274,6 +402,15 @@ fn open(
     path: &std::path::Path,
     verify: VerifyPolicy,
     max_size: Option<u64>,
+) -> (Service, Arc<Fake>) {
+    open_with(path, verify, max_size, Settings::default())
+}
+
+fn open_with(
+    path: &std::path::Path,
+    verify: VerifyPolicy,
+    max_size: Option<u64>,
+    service_settings: Settings,
 ) -> (Service, Arc<Fake>) {
     let metrics = Arc::new(Metrics::new());
     let settings = CacheSettings {
@@ -301,7 +438,7 @@ fn open(
     };
     let upstream: Arc<dyn Upstream> = fake.clone();
     (
-        Service::new(cache, upstream, key, &auth, Settings::default(), metrics),
+        Service::new(cache, upstream, key, &auth, service_settings, metrics),
         fake,
     )
 }
@@ -1063,4 +1200,198 @@ async fn a_background_retry_makes_the_next_request_a_hit() {
             .metrics_text()
             .contains("wasm_cache_background_retries_total{result=\"success\"} 1")
     );
+}
+
+// The registry endpoint's side of the service (the HTTP layer is tested with real clients in
+// tests/it/endpoint.rs).
+
+mod registry {
+    use super::*;
+    use crate::config::RegistrySettings;
+    use crate::service::registry::Object;
+
+    const REG: &str = "reg.example";
+    const CNCF_CONFIG: &str = "application/vnd.wasm.config.v0+json";
+
+    fn registry_rig(tag_ttl: Duration, any_artifact: bool) -> Rig {
+        rig_settings(
+            VerifyPolicy::Ttl(Duration::from_secs(3600)),
+            None,
+            Settings {
+                registry: RegistrySettings {
+                    tag_ttl,
+                    any_artifact,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+    }
+
+    fn repo(name: &str) -> OciRef {
+        let Source::Oci(mut r) = Source::parse(&format!("oci://{REG}/{name}")).unwrap() else {
+            unreachable!()
+        };
+        r.tag = None;
+        r.implicit_tag = false;
+        r
+    }
+
+    fn cred(user: &str) -> Option<Credential> {
+        Some(Credential {
+            username: user.into(),
+            password: Secret::new(format!("pw-{user}")),
+        })
+    }
+
+    impl Rig {
+        fn raw_calls(&self) -> (usize, usize, usize, usize) {
+            let c = &self.fake.calls;
+            (
+                c.raw_manifest.load(Ordering::SeqCst),
+                c.raw_blob.load(Ordering::SeqCst),
+                c.raw_check.load(Ordering::SeqCst),
+                c.resolve.load(Ordering::SeqCst),
+            )
+        }
+        async fn tag(&self, name: &str, tag: &str, who: Option<Credential>) -> Result<Digest> {
+            let served = self
+                .service
+                .registry_get(&repo(name), &Object::Tag(tag.into()), who)
+                .await?;
+            Ok(served.digest)
+        }
+        async fn blob(&self, name: &str, d: Digest, who: Option<Credential>) -> Result<Vec<u8>> {
+            let served = self
+                .service
+                .registry_get(&repo(name), &Object::Blob(d), who)
+                .await?;
+            match served.content {
+                Resident::Memory(b) => Ok(b.to_vec()),
+                Resident::File(f, len) => {
+                    let mut buf = vec![0; len as usize];
+                    std::os::unix::fs::FileExt::read_exact_at(&*f, &mut buf, 0).unwrap();
+                    Ok(buf)
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tag_is_a_hit_within_its_ttl_and_one_resolve_past_it() {
+        let t = registry_rig(Duration::from_secs(60), false);
+        let (md, _) =
+            t.fake
+                .push_artifact(&format!("oci://{REG}/a/f:1"), &module("r1"), CNCF_CONFIG);
+        assert_eq!(t.tag("a/f", "1", None).await.unwrap(), md);
+        assert_eq!(t.tag("a/f", "1", None).await.unwrap(), md);
+        assert_eq!(t.raw_calls(), (1, 0, 0, 0), "the second is a hit");
+
+        let t = registry_rig(Duration::ZERO, false);
+        let (md, _) =
+            t.fake
+                .push_artifact(&format!("oci://{REG}/a/f:1"), &module("r1"), CNCF_CONFIG);
+        assert_eq!(t.tag("a/f", "1", None).await.unwrap(), md);
+        assert_eq!(t.tag("a/f", "1", None).await.unwrap(), md);
+        assert_eq!(
+            t.raw_calls(),
+            (1, 0, 0, 1),
+            "one resolve, no second download"
+        );
+        let (moved, _) =
+            t.fake
+                .push_artifact(&format!("oci://{REG}/a/f:1"), &module("r2"), CNCF_CONFIG);
+        assert_eq!(t.tag("a/f", "1", None).await.unwrap(), moved);
+        assert_eq!(t.raw_calls(), (2, 0, 0, 2));
+        // The registry goes down: the cached manifest, as stale, to a proven caller.
+        t.fake.down.store(true, Ordering::SeqCst);
+        let served = t
+            .service
+            .registry_get(&repo("a/f"), &Object::Tag("1".into()), None)
+            .await
+            .unwrap();
+        assert_eq!(served.cache, CacheStatus::Stale);
+        assert_eq!(served.digest, moved);
+    }
+
+    #[tokio::test]
+    async fn private_objects_reach_only_callers_the_registry_accepts() {
+        let t = registry_rig(Duration::from_secs(60), false);
+        let m = module("private-raw");
+        let (md, ld) = t
+            .fake
+            .push_artifact(&format!("oci://{REG}/p/f:1"), &m, CNCF_CONFIG);
+        t.fake
+            .make_private(&format!("oci://{REG}/p/f"), &["alice", "carol"]);
+        let code = |r: Result<Digest>| r.unwrap_err().code;
+        assert_eq!(code(t.tag("p/f", "1", None).await), Code::AccessDenied);
+        assert_eq!(t.tag("p/f", "1", cred("alice")).await.unwrap(), md);
+        assert_eq!(t.blob("p/f", ld, cred("alice")).await.unwrap(), m);
+        // Cached: still refused to anonymous callers and other tenants...
+        assert_eq!(code(t.tag("p/f", "1", None).await), Code::AccessDenied);
+        assert_eq!(
+            code(t.tag("p/f", "1", cred("bob")).await),
+            Code::AccessDenied
+        );
+        let e = t.blob("p/f", ld, cred("bob")).await.unwrap_err();
+        assert_eq!(e.code, Code::AccessDenied);
+        // ...served to another tenant the registry accepts after one check, then a hit.
+        let checks = t.raw_calls().2;
+        assert_eq!(t.blob("p/f", ld, cred("carol")).await.unwrap(), m);
+        assert_eq!(t.raw_calls().2, checks + 1);
+        assert_eq!(t.blob("p/f", ld, cred("carol")).await.unwrap(), m);
+        assert_eq!(t.raw_calls().2, checks + 1);
+        assert_eq!(t.raw_calls().1, 1, "one blob download in all");
+    }
+
+    #[tokio::test]
+    async fn only_wasm_artifacts_unless_any_artifact() {
+        for any in [false, true] {
+            let t = registry_rig(Duration::from_secs(60), any);
+            let (_, wasm_layer) = t.fake.push_image(
+                &format!("oci://{REG}/i/img:wasm"),
+                &module("scope"),
+                "application/vnd.oci.image.config.v1+json",
+                "application/wasm",
+            );
+            let (_, tar_layer) = t.fake.push_image(
+                &format!("oci://{REG}/i/img:tar"),
+                b"a tar layer",
+                "application/vnd.oci.image.config.v1+json",
+                "application/vnd.oci.image.layer.v1.tar",
+            );
+            // A Wasm layer makes it a Wasm artifact, whatever the config says.
+            assert!(t.tag("i/img", "wasm", None).await.is_ok());
+            assert!(t.blob("i/img", wasm_layer, None).await.is_ok());
+            // A container image is refused (and its layers), unless any_artifact.
+            let got = t.tag("i/img", "tar", None).await;
+            assert_eq!(got.is_ok(), any, "{got:?}");
+            if !any {
+                assert_eq!(got.unwrap_err().code, Code::Forbidden);
+                let pulls = t.raw_calls().0;
+                assert!(t.tag("i/img", "tar", None).await.is_err());
+                assert_eq!(t.raw_calls().0, pulls, "refused from the cache");
+            }
+            assert_eq!(t.blob("i/img", tar_layer, None).await.is_ok(), any);
+            // A blob no served manifest references is refused (any_artifact pulls it).
+            let other = Digest::of(b"unreferenced");
+            t.fake.w().raw_blobs.insert(other, b"unreferenced".to_vec());
+            let got = t.blob("i/img", other, None).await;
+            assert_eq!(got.is_ok(), any, "{got:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_requests_share_one_pull() {
+        let t = registry_rig(Duration::from_secs(60), false);
+        let (md, ld) =
+            t.fake
+                .push_artifact(&format!("oci://{REG}/h/f:1"), &module("herd"), CNCF_CONFIG);
+        *t.fake.delay.lock().unwrap() = Duration::from_millis(200);
+        let tags = futures_util::future::join_all((0..50).map(|_| t.tag("h/f", "1", None))).await;
+        assert!(tags.iter().all(|d| d.as_ref().ok() == Some(&md)));
+        let blobs = futures_util::future::join_all((0..50).map(|_| t.blob("h/f", ld, None))).await;
+        assert!(blobs.iter().all(|b| b.is_ok()));
+        assert_eq!(t.raw_calls(), (1, 1, 0, 0));
+    }
 }
