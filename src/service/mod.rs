@@ -471,6 +471,13 @@ impl Service {
         Ok(())
     }
 
+    /// The signature policy that applies to `r`'s repository, if any.
+    fn repo_policy(&self, r: &OciRef) -> Option<&crate::signature::Policy> {
+        self.inner
+            .signatures
+            .for_repository(&r.registry, &r.repository)
+    }
+
     /// The policy that applies to `req`'s repository, when one checks anything.
     fn policy_for<'a>(
         &'a self,
@@ -479,10 +486,7 @@ impl Service {
         let Source::Oci(r) = &req.source else {
             return None;
         };
-        let p = self
-            .inner
-            .signatures
-            .for_repository(&r.registry, &r.repository)?;
+        let p = self.repo_policy(r)?;
         Some((r, p))
     }
 
@@ -537,11 +541,7 @@ impl Service {
         caller: &Caller,
     ) -> Result<Option<crate::cache::index::SignatureCheck>> {
         use crate::signature::Mode;
-        let Some(policy) = self
-            .inner
-            .signatures
-            .for_repository(&r.registry, &r.repository)
-        else {
+        let Some(policy) = self.repo_policy(r) else {
             return Ok(None);
         };
         let found = self

@@ -213,11 +213,7 @@ impl Service {
         outcome: Outcome,
     ) -> Result<Outcome> {
         let rec = &outcome.record;
-        let Some(policy) = self
-            .inner
-            .signatures
-            .for_repository(&r.registry, &r.repository)
-        else {
+        let Some(policy) = self.repo_policy(r) else {
             return Ok(outcome);
         };
         if super::check_is_current(policy, rec) {
@@ -511,11 +507,7 @@ impl Service {
         source: &str,
         digest: Digest,
     ) -> Result<Option<crate::cache::index::SignatureCheck>> {
-        let Some(policy) = self
-            .inner
-            .signatures
-            .for_repository(&r.registry, &r.repository)
-        else {
+        let Some(policy) = self.repo_policy(r) else {
             return Ok(None);
         };
         match self.inherited_check(policy, source, &digest) {
@@ -535,8 +527,10 @@ impl Service {
             .any(|m| m.raw.as_ref().is_some_and(|o| o.wasm));
         if !wasm && !self.inner.registry.any_artifact {
             return Err(if referrers.is_empty() {
+                // Unknown here: a client pulls the manifest first (and a pushing client,
+                // told so, goes on to the upload, which is refused with 405).
                 Error::new(
-                    Code::Forbidden,
+                    Code::NotFound,
                     format!(
                         "{source}: blob {digest} is not referenced by a manifest this endpoint served; \
                          pull the manifest first"
@@ -546,10 +540,7 @@ impl Service {
                 out_of_scope(&format!("{source}: blob {digest}"))
             });
         }
-        if let Some(policy) = self
-            .inner
-            .signatures
-            .for_repository(&r.registry, &r.repository)
+        if let Some(policy) = self.repo_policy(r)
             && self.inherited_check(policy, &source, digest).is_none()
         {
             return Err(unverified_blob(&source, digest, policy));

@@ -197,7 +197,11 @@ async fn skopeo_inspects_and_copies_a_module_byte_for_byte() {
         &dest,
         &push,
     ]);
-    assert!(!ok, "a push must fail: {err}");
+    assert!(!ok, "a push must fail");
+    assert!(
+        err.contains("405") || err.contains("UNSUPPORTED") || err.contains("unsupported"),
+        "{err}"
+    );
     for method in ["POST", "PUT", "PATCH", "DELETE"] {
         assert_eq!(
             proxy.count(&format!("{method} /v2/endpoint/solo/")),
@@ -322,8 +326,8 @@ async fn the_distribution_api_over_tcp_and_the_socket() {
         sha(b"never referenced")
     ))
     .await;
-    assert_eq!(r.status(), 403);
-    assert_eq!(error_code(r).await, "DENIED");
+    assert_eq!(r.status(), 404, "a blob no served manifest references");
+    assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
     for method in [
         reqwest::Method::PUT,
         reqwest::Method::DELETE,
@@ -855,9 +859,10 @@ async fn signature_policies_hold_on_the_endpoint() {
     let r = get(&format!("{base}/manifests/{}", unsigned.digest)).await;
     assert_eq!(r.status(), 403);
     let r = get(&format!("{base}/blobs/{}", unsigned_layer.digest)).await;
+    // The refused manifest was not stored: its blobs are unknown here, and never fetched.
     assert_eq!(
         r.status(),
-        403,
+        404,
         "a blob only an unsigned manifest references"
     );
     assert_eq!(
