@@ -351,16 +351,19 @@ impl Service {
                     let grant = tenancy.grant_for(r, resolved.credential.as_ref());
                     self.cache().index().grant(&source, &grant).await?;
                     let by_digest = location(&source, &Object::Manifest(resolved.value));
-                    if resolved.value == prev.module && self.cache().record(&by_digest).is_some() {
-                        self.in_scope(&prev, &loc)?;
+                    // Unchanged, or moved to a manifest already cached by digest: the tag
+                    // points at that record; no download.
+                    if let Some(target) = self.cache().record(&by_digest) {
+                        self.in_scope(&target, &loc)?;
+                        let tag_rec = Record {
+                            location: loc.clone(),
+                            resolved_at: now_millis(),
+                            ..target
+                        };
                         let rec = self
                             .cache()
                             .index()
-                            .update(&loc, move |now| {
-                                let mut rec = now.cloned().unwrap_or(prev);
-                                rec.resolved_at = now_millis();
-                                Some(rec)
-                            })
+                            .update(&loc, move |_| Some(tag_rec))
                             .await?
                             .ok_or_else(|| Error::internal("re-resolving a tag", "vanished"))?;
                         return Ok(Outcome {

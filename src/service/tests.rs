@@ -1303,6 +1303,15 @@ mod registry {
                 .push_artifact(&format!("oci://{REG}/a/f:1"), &module("r2"), CNCF_CONFIG);
         assert_eq!(t.tag("a/f", "1", None).await.unwrap(), moved);
         assert_eq!(t.raw_calls(), (2, 0, 0, 2));
+        // Moved back to a manifest cached by digest: one resolve, no download.
+        t.fake
+            .push_artifact(&format!("oci://{REG}/a/f:1"), &module("r1"), CNCF_CONFIG);
+        assert_eq!(t.tag("a/f", "1", None).await.unwrap(), md);
+        assert_eq!(t.raw_calls(), (2, 0, 0, 3));
+        t.fake
+            .push_artifact(&format!("oci://{REG}/a/f:1"), &module("r2"), CNCF_CONFIG);
+        assert_eq!(t.tag("a/f", "1", None).await.unwrap(), moved);
+        assert_eq!(t.raw_calls(), (2, 0, 0, 4));
         // The registry goes down: the cached manifest, as stale, to a proven caller.
         t.fake.down.store(true, Ordering::SeqCst);
         let served = t
