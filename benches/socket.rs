@@ -9,7 +9,10 @@
 //!   clients, and during a herd of 200 concurrent fetches of one uncached 10 MiB module
 //!   (which must cause one upstream blob GET);
 //! - cold pulls of a 10 MiB and a 100 MiB module from a local `docker-registry`, against
-//!   `skopeo copy` of the same image into an OCI layout.
+//!   `skopeo copy` of the same image into an OCI layout;
+//! - `skopeo copy` of a 10 MiB module through the registry endpoint (`[registry] addr`),
+//!   cached and cold (purged before each copy), against `skopeo copy` from the registry
+//!   itself.
 //!
 //! Medians over `ROUNDS` alternating rounds; ratios are what count (absolute numbers move by
 //! a third between runs on a shared 2-core machine). Needs `oha`, `nginx`, `skopeo` and
@@ -389,9 +392,13 @@ fn main() {
     let workers = std::env::var("WASM_CACHE_BENCH_WORKERS")
         .map(|n| format!("[server]\nworker_threads = {n}\n"))
         .unwrap_or_default();
+    let endpoint = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
     let extra = format!(
-        "{workers}[network]\nallow_cidrs = [\"127.0.0.0/8\"]\n[registries.\"{}\"]\ninsecure = true\n",
-        registry.addr
+        "{workers}[network]\nallow_cidrs = [\"127.0.0.0/8\"]\n[registries.\"{}\"]\ninsecure = true\n[registry]\naddr = \"{endpoint}\"\nupstreams = {{ bench = \"{}\" }}\n",
+        registry.addr, registry.addr
     );
     let sizes: [(&str, usize); 3] = [("41 B", 41), ("10 MiB", 10 << 20), ("100 MiB", 100 << 20)];
     let daemon = Daemon::start_with(&bin, &extra, |files| {
@@ -577,6 +584,52 @@ fn main() {
             peer: format!("skopeo {t:.3} s"),
             ratio: format!("{:.2}x", o / t),
         });
+    }
+
+    // skopeo through the registry endpoint, against skopeo from the registry itself.
+    {
+        let repo = "bench/endpoint";
+        rt.block_on(registry.push(
+            repo,
+            "v1",
+            &wasm_cache::testkit::wasm_module("ep", 10 << 20),
+        ));
+        let copy = |from: String| {
+            let out = tempfile::tempdir().unwrap();
+            let t = Instant::now();
+            let st = Command::new(tool("SKOPEO", "skopeo"))
+                .args([
+                    "copy",
+                    "--quiet",
+                    "--src-tls-verify=false",
+                    "--src-no-creds",
+                ])
+                .arg(from)
+                .arg(format!("oci:{}:v1", out.path().display()))
+                .status()
+                .expect("running skopeo");
+            assert!(st.success(), "skopeo copy failed");
+            t.elapsed().as_secs_f64()
+        };
+        let direct = format!("docker://{}/{repo}:v1", registry.addr);
+        let through = format!("docker://{endpoint}/bench/{repo}:v1");
+        copy(through.clone());
+        let (mut cached, mut cold, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..ROUNDS + 2 {
+            cached.push(copy(through.clone()));
+            theirs.push(copy(direct.clone()));
+            rt.block_on(daemon.purge_all());
+            cold.push(copy(through.clone()));
+        }
+        let (c, k, t) = (median(cached), median(cold), median(theirs));
+        for (figure, o) in [("cached", c), ("cold", k)] {
+            rows.push(Row {
+                figure: format!("skopeo copy 10 MiB through the registry endpoint, {figure}"),
+                ours: format!("{o:.3} s"),
+                peer: format!("from the registry {t:.3} s"),
+                ratio: format!("{:.2}x", o / t),
+            });
+        }
     }
 
     println!();
