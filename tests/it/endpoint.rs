@@ -939,3 +939,42 @@ async fn anonymous_pulls_go_through_the_nodes_mirrors() {
         "mirror metric"
     );
 }
+
+/// The network guard holds for upstreams named in request paths: cloud metadata, loopback (by
+/// address or by name) and the unspecified address are refused before any connection. The
+/// daemon runs in an empty network namespace, so a regression could not reach anything.
+#[tokio::test]
+async fn upstreams_named_in_paths_pass_the_network_guard() {
+    if let Err(why) = empty_netns() {
+        println!("skipped: {why}");
+        return;
+    }
+    let d = Daemon::start(DaemonOpts {
+        no_loopback_allow: true,
+        empty_netns: true,
+        ..Default::default()
+    });
+    for upstream in [
+        "169.254.169.254",
+        "168.63.129.16",
+        "127.0.0.1:5000",
+        "localhost:5000",
+        "0.0.0.0:5000",
+    ] {
+        let path = format!("/v2/{upstream}/team/f/manifests/v1");
+        let (status, body) = d.get(&path).await;
+        assert_eq!(
+            status,
+            403,
+            "{upstream}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["errors"][0]["code"], "DENIED", "{upstream}");
+        assert_eq!(v["errors"][0]["detail"]["code"], "forbidden", "{upstream}");
+        let (status, _) = d
+            .get(&format!("/v2/team/f/manifests/v1?ns={upstream}"))
+            .await;
+        assert_eq!(status, 403, "?ns={upstream}");
+    }
+}

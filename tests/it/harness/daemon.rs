@@ -20,6 +20,8 @@ pub struct Daemon {
     path_prepend: Option<PathBuf>,
     /// Extra environment.
     env: Vec<(String, String)>,
+    /// The command prefix of an empty network namespace, when the daemon runs in one.
+    netns: Option<Vec<&'static str>>,
     /// Temp dir holding all of the above.
     pub dir: Arc<tempfile::TempDir>,
 }
@@ -41,6 +43,42 @@ pub struct DaemonOpts {
     pub path_prepend: Option<PathBuf>,
     /// Extra environment variables for the daemon.
     pub env: Vec<(String, String)>,
+    /// Run the daemon in an empty network namespace (`unshare -n`; see [`empty_netns`]):
+    /// only its unix sockets reach it, and nothing it sends can leave the machine.
+    pub empty_netns: bool,
+}
+
+/// The command prefix that runs a process in an empty network namespace (`unshare -n` as
+/// root, `unshare -rn` otherwise), or `None` (with the reason) where that is not allowed.
+pub fn empty_netns() -> Result<Vec<&'static str>, String> {
+    let prefix: Vec<&'static str> = if runs_as_root() {
+        vec!["unshare", "-n"]
+    } else {
+        vec!["unshare", "-rn"]
+    };
+    let out = Command::new(prefix[0])
+        .args(&prefix[1..])
+        .arg("true")
+        .output()
+        .map_err(|e| format!("unshare is not available: {e}"))?;
+    if out.status.success() {
+        Ok(prefix)
+    } else {
+        Err(format!(
+            "unshare is not allowed here: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// True when this process runs as root (from `/proc/self/status`, no libc call).
+fn runs_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next().map(|u| u == "0"))
+        .unwrap_or(false)
 }
 
 impl Daemon {
@@ -80,6 +118,9 @@ impl Daemon {
         .unwrap();
         let log = dir.path().join("daemon.log");
         let mut d = Daemon {
+            netns: opts
+                .empty_netns
+                .then(|| empty_netns().expect("check empty_netns() before asking for it")),
             env: opts.env.clone(),
             admin_socket,
             path_prepend: opts.path_prepend.clone(),
@@ -100,7 +141,16 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_wasm-cache"))
+        let bin = env!("CARGO_BIN_EXE_wasm-cache");
+        let mut cmd = match &self.netns {
+            Some(prefix) => {
+                let mut c = Command::new(prefix[0]);
+                c.args(&prefix[1..]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--config")
             .arg(&self.config)
