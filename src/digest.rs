@@ -21,6 +21,20 @@ impl Digest {
     pub fn hex(&self) -> String {
         hex::encode(self.0)
     }
+
+    /// Parses exactly the canonical form, `sha256:` and 64 lowercase hex digits: what a
+    /// digest inside a manifest or in a registry path must be (it becomes a request path).
+    pub fn parse_canonical(s: &str) -> Option<Digest> {
+        let ok = s.len() == 71
+            && s.starts_with("sha256:")
+            && s[7..]
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !ok {
+            return None;
+        }
+        s.parse().ok()
+    }
 }
 
 impl fmt::Display for Digest {

@@ -173,20 +173,13 @@ impl Target {
         r.implicit_tag = false;
         r.digest = None;
         let digest = |s: &str| -> Result<Digest, PathError> {
-            let ok = s.len() == 71
-                && s.starts_with("sha256:")
-                && s[7..]
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if !ok {
-                return Err(err(
+            Digest::parse_canonical(s).ok_or_else(|| {
+                err(
                     StatusCode::BAD_REQUEST,
                     "DIGEST_INVALID",
                     format!("{s:?} is not sha256:<64 lowercase hex digits>"),
-                ));
-            }
-            s.parse()
-                .map_err(|_| err(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest"))
+                )
+            })
         };
         let object = match kind {
             Kind::Blob => Object::Blob(digest(reference)?),

@@ -106,6 +106,11 @@ impl Tenancy {
             ),
             None => (self.node.for_ref(r).await, false),
         };
+        Ok(self.caller_of(r, creds, from_secret))
+    }
+
+    /// A caller holding `creds` for `r`'s registry, each with its id.
+    fn caller_of(&self, r: &OciRef, creds: Vec<Credential>, from_secret: bool) -> Caller {
         let creds = creds
             .into_iter()
             .map(|c| {
@@ -113,7 +118,7 @@ impl Tenancy {
                 (c, id)
             })
             .collect();
-        Ok(Caller { creds, from_secret })
+        Caller { creds, from_secret }
     }
 
     /// The caller of a registry endpoint request for `r`: the client's own credential (HTTP
@@ -123,17 +128,7 @@ impl Tenancy {
             Some(c) => vec![c],
             None => self.node.for_ref(r).await,
         };
-        let creds = creds
-            .into_iter()
-            .map(|c| {
-                let id = self.key.credential_id(&r.registry, &c);
-                (c, id)
-            })
-            .collect();
-        Caller {
-            creds,
-            from_secret: false,
-        }
+        self.caller_of(r, creds, false)
     }
 
     /// What the registry's acceptance of `accepted` (anonymous when `None`) grants.

@@ -7,17 +7,7 @@ use serde_json::{Value, json};
 use crate::harness::*;
 
 fn cli(d: &Daemon, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wasm-cache"))
-        .args(args)
-        .arg("--admin-socket")
-        .arg(&d.admin_socket)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    d.cli(args)
 }
 
 fn ls(d: &Daemon) -> Vec<Value> {

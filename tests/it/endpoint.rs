@@ -61,18 +61,9 @@ fn skopeo(args: &[&str]) -> (bool, Vec<u8>, String) {
 }
 
 fn cli(d: &Daemon, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_wasm-cache"))
-        .args(args)
-        .arg("--admin-socket")
-        .arg(&d.admin_socket)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let (ok, out, err) = d.cli(args);
+    assert!(ok, "{err}");
+    out
 }
 
 /// Pushes a CNCF Wasm artifact (`application/wasm` layer with a title) as `repo:tag`.

@@ -240,19 +240,13 @@ pub(super) fn pick_from_index(entries: &[Descriptor]) -> Option<&Descriptor> {
 /// A digest inside a manifest or index: exactly `sha256:` and 64 lowercase hex digits, or the
 /// manifest is `invalid_module` (its digests become request paths).
 pub(super) fn parse_digest(s: &str, what: &str) -> Result<Digest> {
-    let ok = s.len() == 71
-        && s.starts_with("sha256:")
-        && s[7..]
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if !ok {
+    Digest::parse_canonical(s).ok_or_else(|| {
         let shown: String = s.chars().take(80).collect();
-        return Err(Error::new(
+        Error::new(
             Code::InvalidModule,
             format!("{what} {shown:?} is not sha256:<64 lowercase hex digits>"),
-        ));
-    }
-    s.parse().map_err(Error::from)
+        )
+    })
 }
 
 #[cfg(test)]

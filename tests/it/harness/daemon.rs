@@ -310,6 +310,21 @@ impl Daemon {
         (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
     }
 
+    /// Runs `wasm-cache ARGS --admin-socket <its admin socket>`: (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_wasm-cache"))
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// The daemon's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
