@@ -103,23 +103,22 @@ impl Service {
         let caller = self.inner.tenancy.caller_with(r, cred).await;
         let result = self.registry_object(r, object, &caller, 0).await;
         let result = match result {
-            Ok(o) => {
-                let content = self.cache().open_module(&o.record.module).await?;
-                self.cache().touch(&o.record.module);
-                let raw = o.record.raw.clone().unwrap_or_else(|| RawObject {
-                    media_type: "application/octet-stream".into(),
-                    manifest: false,
-                    refs: Vec::new(),
-                    compat_layer: None,
-                    wasm: false,
-                });
-                Ok(Served {
-                    digest: o.record.module,
-                    media_type: raw.media_type,
-                    content,
-                    cache: o.cache,
-                })
-            }
+            Ok(o) => self
+                .cache()
+                .open_module(&o.record.module)
+                .await
+                .map(|content| {
+                    self.cache().touch(&o.record.module);
+                    Served {
+                        digest: o.record.module,
+                        media_type: o.record.raw.map_or_else(
+                            || "application/octet-stream".to_string(),
+                            |raw| raw.media_type,
+                        ),
+                        content,
+                        cache: o.cache,
+                    }
+                }),
             Err(e) => Err(e),
         };
         let label = match &result {
