@@ -163,6 +163,9 @@ struct Inner {
     flights: Flights<String, Result<Outcome>>,
     /// Anonymous re-checks of modules whose public grant lapsed, by source and digest.
     public_checks: Flights<String, Result<()>>,
+    /// Signature checks in progress, by repository, manifest and caller (a hit whose check
+    /// lapsed is checked once for all concurrent requests).
+    signature_checks: Flights<String, Result<Option<crate::cache::index::SignatureCheck>>>,
     /// Prometheus metrics, also read by `stats`.
     metrics: Arc<Metrics>,
     /// Bounds on request fields.
@@ -207,6 +210,7 @@ impl Service {
                 tenancy: Tenancy::new(key, auth, limits.pull_secret_entries),
                 flights: Flights::new(),
                 public_checks: Flights::new(),
+                signature_checks: Flights::new(),
                 metrics,
                 limits,
             }),
@@ -533,8 +537,48 @@ impl Service {
 
     /// Checks the signature of manifest `digest` of `r`'s repository under the policy that
     /// applies (`None`: none does): the check to record, or `signature_invalid` when the
-    /// policy enforces and no key verifies.
+    /// policy enforces and no key verifies. Concurrent identical checks run once, and a
+    /// failed one is answered from memory for `[fetch] negative_ttl`: a module whose check
+    /// fails costs the registry one signature lookup per TTL, however many hits ask.
     async fn signature_check(
+        &self,
+        r: &OciRef,
+        digest: Digest,
+        caller: &Caller,
+    ) -> Result<Option<crate::cache::index::SignatureCheck>> {
+        let Some(policy) = self.repo_policy(r) else {
+            return Ok(None);
+        };
+        let key = format!(
+            "signature|{}|{digest}|{}|{}",
+            Source::Oci(r.clone()).source_key(),
+            policy.keyset,
+            caller.flight_key()
+        );
+        let failures = &self.inner.failures;
+        if let Lookup::Failed(e) = failures.lookup(&key, None) {
+            self.inner.metrics.negative_hits.inc();
+            return Err(e);
+        }
+        let this = self.clone();
+        let (r2, caller2) = (r.clone(), caller.clone());
+        let work = async move { this.signature_check_now(&r2, digest, &caller2).await };
+        let result = self
+            .inner
+            .signature_checks
+            .join(key.clone(), work)
+            .flight
+            .await
+            .unwrap_or_else(|e| Err(Error::internal("checking a signature", e)));
+        match &result {
+            Ok(_) => failures.succeeded(&key),
+            Err(e) => failures.failed(&key, None, e),
+        }
+        result
+    }
+
+    /// [`Service::signature_check`] itself: fetches the signatures and verifies them.
+    async fn signature_check_now(
         &self,
         r: &OciRef,
         digest: Digest,

@@ -226,25 +226,22 @@ async fn issue_12_warn_mode_serves_logs_and_counts() {
 /// cached module is checked again before it is served, and refused (fetch and download).
 #[tokio::test]
 async fn issue_12_a_removed_key_makes_cached_modules_verify_again() {
-    let (registry, _) = shared();
+    let (registry, proxy) = shared();
     let p = Pusher::new(&registry.addr);
     let keys = tempfile::tempdir().unwrap();
     let (a_key, a_pub) = keypair(keys.path(), "a");
     let (_, b_pub) = keypair(keys.path(), "b");
     let m = wasm_module("sig-rotate", 100);
     let manifest = push_solo(&p, "sigrot/filter", "v1", &m).await;
-    let data = payload(
-        &format!("{}/sigrot/filter", registry.addr),
-        &manifest.digest,
-    );
+    let data = payload(&format!("{}/sigrot/filter", proxy.addr), &manifest.digest);
     let s = sign(keys.path(), &a_key, &data);
     push_signatures(&p, "sigrot/filter", &manifest.digest, &[(data, s)]).await;
-    let pattern = format!("{}/sigrot/*", registry.addr);
+    let pattern = format!("{}/sigrot/*", proxy.addr);
     let mut d = Daemon::start(DaemonOpts {
         tables: policy(&pattern, &[&a_pub, &b_pub], "enforce"),
         ..Default::default()
     });
-    let url = format!("oci://{}/sigrot/filter:v1", registry.addr);
+    let url = format!("oci://{}/sigrot/filter:v1", proxy.addr);
     let a = d.fetch_ok(json!({"url": url})).await;
     let module_url = a["moduleUrl"].as_str().unwrap().to_string();
     assert_eq!(d.fetch_ok(json!({"url": url})).await["cache"], "hit");
@@ -259,6 +256,18 @@ async fn issue_12_a_removed_key_makes_cached_modules_verify_again() {
     assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
     let (status, code) = d.fetch_err(json!({"url": url})).await;
     assert_eq!((status, code.as_str()), (403, "signature_invalid"));
+    // Hits whose check fails ask the registry for signatures once per negative_ttl, not
+    // once per request.
+    let sig_tag = format!(
+        "GET /v2/sigrot/filter/manifests/sha256-{}.sig",
+        manifest.digest.trim_start_matches("sha256:")
+    );
+    let before = proxy.count(&sig_tag);
+    for _ in 0..20 {
+        let (status, code) = d.fetch_err(json!({"url": url})).await;
+        assert_eq!((status, code.as_str()), (403, "signature_invalid"));
+    }
+    assert_eq!(proxy.count(&sig_tag), before, "remembered for negative_ttl");
 }
 
 /// Issue 12: the signature repository is private: signatures are read with the caller's
