@@ -257,3 +257,46 @@ impl Target {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(auth: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(auth).unwrap());
+        h
+    }
+
+    #[test]
+    fn basic_credentials_and_what_counts_as_none() {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let c = basic_credential(&headers(&format!("Basic {}", b64("alice:pw:with:colons"))))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.username, "alice");
+        assert_eq!(c.password.expose(), "pw:with:colons");
+        assert!(basic_credential(&HeaderMap::new()).unwrap().is_none());
+        assert!(
+            basic_credential(&headers("Basic Og==")).unwrap().is_none(),
+            "\":\""
+        );
+        assert!(basic_credential(&headers("Bearer abc")).unwrap().is_none());
+        assert_eq!(
+            basic_credential(&headers("Basic !!!")).unwrap_err().code,
+            Code::InvalidRequest
+        );
+    }
+
+    #[test]
+    fn errors_have_the_spec_codes_and_the_challenge() {
+        let r = error_response(&Error::new(Code::AccessDenied, "no"), Some(Kind::Blob));
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(r.headers()[header::WWW_AUTHENTICATE], CHALLENGE);
+        let r = error_response(&Error::new(Code::NotFound, "no"), Some(Kind::Blob));
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let r = error_response(&Error::new(Code::SignatureInvalid, "no"), None);
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(not_allowed().headers()[header::ALLOW], "GET, HEAD");
+    }
+}
