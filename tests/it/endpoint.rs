@@ -969,3 +969,34 @@ async fn upstreams_named_in_paths_pass_the_network_guard() {
         assert_eq!(status, 403, "?ns={upstream}");
     }
 }
+
+/// A node whose mirror list names this wasm-cache (containerd's hosts.toml read by both)
+/// does not pull through itself: its request to itself is refused as a loop and the registry
+/// serves.
+#[tokio::test]
+async fn listing_itself_as_a_mirror_falls_back_to_the_registry() {
+    let (reg, proxy) = shared();
+    let p = Pusher::new(&reg.addr);
+    let m = wasm_module("endpoint-self-mirror", 40);
+    let (desc, _) = push_cncf(&p, "endpoint/selfmirror", "v1", &m).await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let e = endpoint_with(
+        &format!("up = \"{}\"", proxy.addr),
+        &format!(
+            "addr = \"{addr}\"\n\n[registries.\"{}\"]\nmirrors = [\"http://{addr}\"]\n",
+            proxy.addr
+        ),
+    );
+    let r = get(&format!(
+        "http://{addr}/v2/up/endpoint/selfmirror/manifests/v1"
+    ))
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], desc.digest.as_str());
+    assert_eq!(proxy.count("GET /v2/endpoint/selfmirror/manifests/v1"), 1);
+    assert!(
+        e.d.log_text().contains("mirror failed"),
+        "{}",
+        e.d.log_text()
+    );
+}
