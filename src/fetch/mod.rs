@@ -262,7 +262,7 @@ impl Upstream for Fetchers {
     ) -> BoxFuture<'a, Result<Option<Credential>>> {
         let source = Source::Oci(r.clone());
         async move {
-            self.bounded(&source, self.oci.raw_check(r, path, creds))
+            self.bounded(&source, self.oci.check_access(r, path, creds))
                 .await
         }
         .boxed()

@@ -18,6 +18,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use reqwest::{Client, Method};
 
 use blob::too_large;
@@ -100,18 +102,14 @@ impl OciFetcher {
 
     /// The digest the reference points at now: HEAD on the manifest, falling back to GET.
     pub async fn resolve(&self, r: &OciRef, creds: &[Credential]) -> Result<Authorized<Digest>> {
-        for ep in self
-            .mirrors_for(r, creds)
-            .filter(|ep| ep.resolve || r.digest.is_some())
-        {
-            let attempt = async {
-                let s = self.mirror_session(ep, r)?;
-                self.resolve_at(s, r).await
-            };
-            match attempt.await {
-                Ok(found) => return Ok(found),
-                Err(e) => mirror_failed(ep, r, &e),
-            }
+        let usable = |ep: &hosts::Endpoint| ep.resolve || r.digest.is_some();
+        let from_mirror = self
+            .first_mirror(r, creds, usable, |s| {
+                async move { self.resolve_at(s, r).await.map(Some) }.boxed()
+            })
+            .await;
+        if let Some((found, _)) = from_mirror {
+            return Ok(found);
         }
         let s = self.authorized_session(r, creds).await?;
         self.resolve_at(s, r).await
@@ -165,23 +163,18 @@ impl OciFetcher {
         if r.digest.is_none() && mirrors.iter().any(|ep| !ep.resolve) {
             target.digest = Some(self.resolve(r, creds).await?.value);
         }
-        for ep in mirrors {
-            if target.digest.is_none() && !ep.resolve {
-                continue;
-            }
-            let attempt = async {
-                let s = self.mirror_session(ep, &target)?;
-                self.fetch_at(s, &target, source, known).await
-            };
-            match attempt.await {
-                Ok(f) => {
-                    return Ok(Fetched {
-                        served_by: Some(ep.name.clone()),
-                        ..f
-                    });
-                }
-                Err(e) => mirror_failed(ep, &target, &e),
-            }
+        let usable = |ep: &hosts::Endpoint| ep.pull && (target.digest.is_some() || ep.resolve);
+        let from_mirror = self
+            .first_mirror(&target, creds, usable, |s| {
+                let target = &target;
+                async move { self.fetch_at(s, target, source, known).await.map(Some) }.boxed()
+            })
+            .await;
+        if let Some((f, mirror)) = from_mirror {
+            return Ok(Fetched {
+                served_by: Some(mirror),
+                ..f
+            });
         }
         let s = self.authorized_session(r, creds).await?;
         self.fetch_at(s, &target, source, known).await
@@ -200,6 +193,31 @@ impl OciFetcher {
             &[]
         };
         list.iter()
+    }
+
+    /// Tries `work` on a session at each mirror of `target`'s registry that `usable` picks
+    /// (none for a request with credentials), in order: the first answer `work` gives
+    /// (`Some`), with that mirror's name. A mirror that fails is logged and the next one is
+    /// tried; `None` leaves the request to the registry itself.
+    async fn first_mirror<'a, T>(
+        &'a self,
+        target: &'a OciRef,
+        creds: &[Credential],
+        usable: impl Fn(&hosts::Endpoint) -> bool,
+        mut work: impl FnMut(Session<'a>) -> BoxFuture<'a, Result<Option<T>>>,
+    ) -> Option<(T, String)> {
+        for ep in self.mirrors_for(target, creds).filter(|ep| usable(ep)) {
+            let attempt = match self.mirror_session(ep, target) {
+                Ok(s) => work(s).await,
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(Some(v)) => return Some((v, ep.name.clone())),
+                Ok(None) => {}
+                Err(e) => mirror_failed(ep, target, &e),
+            }
+        }
+        None
     }
 
     /// Fetches `r` on session `s`.
@@ -364,22 +382,37 @@ impl OciFetcher {
         pinned.digest = Some(*digest);
         // Anonymous access: what the node's mirrors serve anonymously, every caller on the
         // node can pull through them anyway.
-        for ep in self.mirrors_for(r, creds) {
-            let attempt = async {
-                let mut s = self.mirror_session(ep, &pinned)?;
-                self.request(
-                    &mut s,
-                    Method::HEAD,
-                    &format!("manifests/{digest}"),
-                    ACCEPT_MANIFESTS,
-                )
-                .await
-            };
-            match attempt.await {
-                Ok(_) => return Ok(None),
-                Err(e) => mirror_failed(ep, &pinned, &e),
-            }
+        let path = format!("manifests/{digest}");
+        let path = &path;
+        let head = self.first_mirror(
+            &pinned,
+            creds,
+            |_| true,
+            |mut s| {
+                async move {
+                    self.request(&mut s, Method::HEAD, path, ACCEPT_MANIFESTS)
+                        .await
+                        .map(|_| Some(()))
+                }
+                .boxed()
+            },
+        );
+        if head.await.is_some() {
+            return Ok(None);
         }
+        self.check_access(&pinned, path, creds).await
+    }
+
+    /// Checks with the registry itself that one of `creds` (anonymous when empty) may read
+    /// `path` of `r`'s repository (a `HEAD`, e.g. of `manifests/<digest>` or
+    /// `blobs/<digest>`); the credential it accepted. A `404` counts as a refusal, as
+    /// registries hide private repositories behind one.
+    pub async fn check_access(
+        &self,
+        r: &OciRef,
+        path: &str,
+        creds: &[Credential],
+    ) -> Result<Option<Credential>> {
         let mut last = None;
         let candidates: Vec<Option<&Credential>> = if creds.is_empty() {
             vec![None]
@@ -389,15 +422,10 @@ impl OciFetcher {
         for cred in candidates {
             // A fresh token: a cached one proves only that the credential was valid when it
             // was issued, and verification is how a revoked credential is noticed.
-            let mut s = self.session(&pinned, cred).await?;
+            let mut s = self.session(r, cred).await?;
             s.token = None;
             match self
-                .request(
-                    &mut s,
-                    Method::HEAD,
-                    &format!("manifests/{digest}"),
-                    ACCEPT_MANIFESTS,
-                )
+                .request(&mut s, Method::HEAD, path, ACCEPT_MANIFESTS)
                 .await
             {
                 Ok(_) => return Ok(s.cred),
@@ -442,16 +470,18 @@ impl OciFetcher {
         pinned.digest = Some(*digest);
         // Signatures are checked against keys, so any host may serve them: the mirrors
         // first (anonymous requests only, hosts that may resolve tags), then the registry.
-        for ep in self.mirrors_for(r, creds).filter(|ep| ep.resolve) {
-            let attempt = async {
-                let s = self.mirror_session(ep, &pinned)?;
-                self.signatures_at(s, digest).await
-            };
-            match attempt.await {
-                Ok(found) if !found.is_empty() => return Ok(found),
-                Ok(_) => {}
-                Err(e) => mirror_failed(ep, r, &e),
+        let found = |s| {
+            async move {
+                let found = self.signatures_at(s, digest).await?;
+                Ok((!found.is_empty()).then_some(found))
             }
+            .boxed()
+        };
+        if let Some((found, _)) = self
+            .first_mirror(&pinned, creds, |ep| ep.resolve, found)
+            .await
+        {
+            return Ok(found);
         }
         let s = self.authorized_session(&pinned, creds).await?;
         self.signatures_at(s, digest).await

@@ -2,12 +2,13 @@
 //! them (bytes, digest, `Content-Type`), each checked against its digest, and what a
 //! manifest says about its scope (a Wasm artifact or not) and the blobs it references.
 
-use reqwest::Method;
+use futures_util::FutureExt;
+
 use reqwest::header::CONTENT_TYPE;
 
 use super::manifest::{
-    ACCEPT_MANIFESTS, DOCKER_LIST, Descriptor, ManifestDoc, OCI_INDEX, TAR_GZIP_LAYERS,
-    WASM_LAYERS, parse_digest, pick_from_index,
+    DOCKER_LIST, Descriptor, ManifestDoc, OCI_INDEX, TAR_GZIP_LAYERS, WASM_LAYERS, parse_digest,
+    pick_from_index,
 };
 use super::{Authorized, OciFetcher};
 use crate::auth::Credential;
@@ -149,23 +150,17 @@ impl OciFetcher {
         creds: &[Credential],
     ) -> Result<Authorized<RawManifest>> {
         let by_digest = reference.starts_with("sha256:");
-        for ep in self
-            .mirrors_for(r, creds)
-            .filter(|ep| if by_digest { ep.pull } else { ep.resolve })
-        {
-            let attempt = async {
-                let mut s = self.mirror_session(ep, r)?;
-                self.manifest_bytes(&mut s, reference).await
-            };
-            match attempt.await {
-                Ok(got) => {
-                    return Ok(Authorized {
-                        value: raw_manifest(got, Some(ep.name.clone())),
-                        credential: None,
-                    });
-                }
-                Err(e) => super::mirror_failed(ep, r, &e),
-            }
+        let usable = |ep: &super::hosts::Endpoint| if by_digest { ep.pull } else { ep.resolve };
+        let from_mirror = self
+            .first_mirror(r, creds, usable, |mut s| {
+                async move { self.manifest_bytes(&mut s, reference).await.map(Some) }.boxed()
+            })
+            .await;
+        if let Some((got, mirror)) = from_mirror {
+            return Ok(Authorized {
+                value: raw_manifest(got, Some(mirror)),
+                credential: None,
+            });
         }
         let mut s = self.authorized_session(r, creds).await?;
         let got = self.manifest_bytes(&mut s, reference).await?;
@@ -192,20 +187,19 @@ impl OciFetcher {
             media_type: media_type.unwrap_or_else(|| "application/octet-stream".into()),
             served_by,
         };
-        for ep in self.mirrors_for(r, creds).filter(|ep| ep.pull) {
-            let attempt = async {
-                let mut s = self.mirror_session(ep, r)?;
-                self.blob_typed(&mut s, 0, *digest).await
-            };
-            match attempt.await {
-                Ok(got) => {
-                    return Ok(Authorized {
-                        value: blob(got, Some(ep.name.clone())),
-                        credential: None,
-                    });
-                }
-                Err(e) => super::mirror_failed(ep, r, &e),
-            }
+        let from_mirror = self
+            .first_mirror(
+                r,
+                creds,
+                |ep| ep.pull,
+                |mut s| async move { self.blob_typed(&mut s, 0, *digest).await.map(Some) }.boxed(),
+            )
+            .await;
+        if let Some((got, mirror)) = from_mirror {
+            return Ok(Authorized {
+                value: blob(got, Some(mirror)),
+                credential: None,
+            });
         }
         let mut s = self.authorized_session(r, creds).await?;
         let got = self.blob_typed(&mut s, 0, *digest).await?;
@@ -213,36 +207,6 @@ impl OciFetcher {
             value: blob(got, None),
             credential: s.cred,
         })
-    }
-
-    /// Checks with the registry (a `HEAD` of `path`, e.g. `blobs/<digest>`, with a fresh
-    /// token) that one of `creds` (anonymous when empty) may read it; the credential it
-    /// accepted.
-    pub async fn raw_check(
-        &self,
-        r: &OciRef,
-        path: &str,
-        creds: &[Credential],
-    ) -> Result<Option<Credential>> {
-        let candidates: Vec<Option<&Credential>> = if creds.is_empty() {
-            vec![None]
-        } else {
-            creds.iter().map(Some).collect()
-        };
-        let mut last = None;
-        for cred in candidates {
-            let mut s = self.session(r, cred).await?;
-            s.token = None;
-            match self
-                .request(&mut s, Method::HEAD, path, ACCEPT_MANIFESTS)
-                .await
-            {
-                Ok(_) => return Ok(s.cred),
-                Err(e) if e.code == Code::AccessDenied => last = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| Error::new(Code::AccessDenied, "no credential was accepted")))
     }
 }
 
