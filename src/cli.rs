@@ -171,7 +171,7 @@ impl SocketArgs {
 /// The `.dockerconfigjson` payload in the file at `path`, if one is given.
 fn read_pull_secret(path: Option<&std::path::Path>) -> Result<Option<Secret>, String> {
     let Some(p) = path else { return Ok(None) };
-    let text = std::fs::read_to_string(p)
+    let text = crate::config::read_capped_text(p, crate::config::MAX_SIDE_FILE)
         .map_err(|e| format!("reading pull secret {}: {e}", p.display()))?;
     Ok(Some(Secret::new(text.trim())))
 }
