@@ -555,24 +555,36 @@ impl Service {
             policy.keyset,
             caller.flight_key()
         );
-        let failures = &self.inner.failures;
-        if let Lookup::Failed(e) = failures.lookup(&key, None) {
-            self.inner.metrics.negative_hits.inc();
-            return Err(e);
-        }
         let this = self.clone();
         let (r2, caller2) = (r.clone(), caller.clone());
         let work = async move { this.signature_check_now(&r2, digest, &caller2).await };
-        let result = self
-            .inner
-            .signature_checks
-            .join(key.clone(), work)
-            .flight
-            .await
-            .unwrap_or_else(|e| Err(Error::internal("checking a signature", e)));
+        let shared = async {
+            self.inner
+                .signature_checks
+                .join(key.clone(), work)
+                .flight
+                .await
+                .unwrap_or_else(|e| Err(Error::internal("checking a signature", e)))
+        };
+        self.unless_failed_lately(&key, shared).await
+    }
+
+    /// `work`'s result, unless the operation `key` failed within `[fetch] negative_ttl`:
+    /// then that failure, from memory. A failure is remembered; a success forgets it.
+    async fn unless_failed_lately<T>(
+        &self,
+        key: &str,
+        work: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let failures = &self.inner.failures;
+        if let Lookup::Failed(e) = failures.lookup(key, None) {
+            self.inner.metrics.negative_hits.inc();
+            return Err(e);
+        }
+        let result = work.await;
         match &result {
-            Ok(_) => failures.succeeded(&key),
-            Err(e) => failures.failed(&key, None, e),
+            Ok(_) => failures.succeeded(key),
+            Err(e) => failures.failed(key, None, e),
         }
         result
     }
@@ -882,17 +894,8 @@ impl Service {
                     .await
             }
         };
-        if let Ok(Fetched {
-            served_by: Some(mirror),
-            ..
-        }) = &fetched
-        {
-            self.inner
-                .metrics
-                .mirror_served
-                .with_label_values(&[mirror.as_str()])
-                .inc();
-            tracing::info!(url = %req.source, mirror = %mirror, "served by a registry mirror");
+        if let Ok(f) = &fetched {
+            self.note_mirror(&req.source, f.served_by.as_deref());
         }
         let checked = match (fetched, &req.source) {
             (Ok(f), Source::Oci(r)) => {
@@ -954,6 +957,19 @@ impl Service {
             cache: CacheStatus::Revalidated,
             grant,
         })
+    }
+
+    /// Counts and logs what a registry mirror served for `what` (nothing when `mirror` is
+    /// `None`: the registry itself served).
+    fn note_mirror(&self, what: &dyn std::fmt::Display, mirror: Option<&str>) {
+        if let Some(mirror) = mirror {
+            self.inner
+                .metrics
+                .mirror_served
+                .with_label_values(&[mirror])
+                .inc();
+            tracing::info!(source = %what, mirror = %mirror, "served by a registry mirror");
+        }
     }
 
     /// One log line and the metrics of an upstream fetch.

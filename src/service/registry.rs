@@ -173,12 +173,6 @@ impl Service {
             }
         }
         let key = format!("raw|{loc}|{}", caller.flight_key());
-        // A pull that failed moments ago fails again from memory (a client retrying a
-        // missing tag in a loop costs the upstream one request per `negative_ttl`).
-        if let super::failures::Lookup::Failed(e) = self.inner.failures.lookup(&key, None) {
-            self.inner.metrics.negative_hits.inc();
-            return Err(e);
-        }
         let this = self.clone();
         let (r2, object2, caller2) = (r.clone(), object.clone(), caller.clone());
         let work = async move {
@@ -187,16 +181,11 @@ impl Service {
                 _ => this.pull_manifest(&r2, &object2, &caller2, depth).await,
             }
         };
-        let outcome = match self.join(key.clone(), work).await {
-            Ok(o) => {
-                self.inner.failures.succeeded(&key);
-                o
-            }
-            Err(e) => {
-                self.inner.failures.failed(&key, None, &e);
-                return Err(e);
-            }
-        };
+        // A pull that failed moments ago fails again from memory (a client retrying a
+        // missing tag in a loop costs the upstream one request per `negative_ttl`).
+        let outcome = self
+            .unless_failed_lately(&key, self.join(key.clone(), work))
+            .await?;
         self.ensure_raw_signed(r, caller, outcome).await
     }
 
@@ -218,19 +207,40 @@ impl Service {
         if super::check_is_current(policy, rec) {
             return Ok(outcome);
         }
-        let check = match self.inherited_check(policy, &rec.source, &rec.module) {
-            Some(c) => c,
-            None if rec.raw.as_ref().is_some_and(|o| o.manifest) => self
-                .signature_check(r, rec.module, caller)
-                .await?
-                .ok_or_else(|| Error::internal("checking a signature", "no policy"))?,
-            None => return Err(unverified_blob(&rec.source, &rec.module, policy)),
-        };
+        let manifest = rec.raw.as_ref().is_some_and(|o| o.manifest);
+        // A tag's check is its manifest's: kept on the manifest's own record, where the
+        // manifest's blobs (and an index's manifests) look for it.
+        let own = manifest
+            .then(|| location(&rec.source, &Object::Manifest(rec.module)))
+            .filter(|l| *l != rec.location);
+        let current_own = own
+            .as_deref()
+            .and_then(|l| self.cache().record(l))
+            .filter(|m| super::check_is_current(policy, m))
+            .and_then(|m| m.signature);
+        let check =
+            match current_own.or_else(|| self.inherited_check(policy, &rec.source, &rec.module)) {
+                Some(c) => c,
+                None if manifest => self
+                    .signature_check(r, rec.module, caller)
+                    .await?
+                    .ok_or_else(|| Error::internal("checking a signature", "no policy"))?,
+                None => return Err(unverified_blob(&rec.source, &rec.module, policy)),
+            };
+        let index = self.cache().index();
+        for l in own.iter() {
+            let check = check.clone();
+            index
+                .update(l, move |now| {
+                    let mut m = now.cloned()?;
+                    m.signature = Some(check);
+                    Some(m)
+                })
+                .await?;
+        }
         let location = rec.location.clone();
         let fallback = rec.clone();
-        let record = self
-            .cache()
-            .index()
+        let record = index
             .update(&location, move |now| {
                 let mut r = now.cloned().unwrap_or(fallback);
                 r.signature = Some(check);
@@ -354,17 +364,7 @@ impl Service {
                     // points at that record; no download.
                     if let Some(target) = self.cache().record(&by_digest) {
                         self.in_scope(&target, &loc)?;
-                        let tag_rec = Record {
-                            location: loc.clone(),
-                            resolved_at: now_millis(),
-                            ..target
-                        };
-                        let rec = self
-                            .cache()
-                            .index()
-                            .update(&loc, move |_| Some(tag_rec))
-                            .await?
-                            .ok_or_else(|| Error::internal("re-resolving a tag", "vanished"))?;
+                        let rec = self.point_tag(&loc, target).await?;
                         return Ok(Outcome {
                             record: rec,
                             cache: CacheStatus::Revalidated,
@@ -477,17 +477,7 @@ impl Service {
             }
         }
         let stored = match object {
-            Object::Tag(_) => {
-                let tag_rec = Record {
-                    location: loc.clone(),
-                    ..stored
-                };
-                self.cache()
-                    .index()
-                    .update(&loc, move |_| Some(tag_rec))
-                    .await?
-                    .ok_or_else(|| Error::internal("recording a tag", "vanished"))?
-            }
+            Object::Tag(_) => self.point_tag(&loc, stored).await?,
             _ => stored,
         };
         if !wasm && !self.inner.registry.any_artifact {
@@ -498,6 +488,27 @@ impl Service {
             cache: CacheStatus::Miss,
             grant,
         })
+    }
+
+    /// Points the tag record at `loc` to the manifest record `target`, resolved now. The
+    /// tag record carries what serving needs (digest, media type, scope, signature check);
+    /// what the manifest references stays on the manifest's own record, so lookups of a
+    /// blob's manifests see each manifest once, however many tags name it.
+    async fn point_tag(&self, loc: &str, target: Record) -> Result<Record> {
+        let mut rec = Record {
+            location: loc.to_string(),
+            resolved_at: now_millis(),
+            ..target
+        };
+        if let Some(raw) = rec.raw.as_mut() {
+            raw.refs = Vec::new();
+            raw.compat_layer = None;
+        }
+        self.cache()
+            .index()
+            .update(loc, move |_| Some(rec))
+            .await?
+            .ok_or_else(|| Error::internal("recording a tag", "vanished"))
     }
 
     /// The signature check of a manifest just pulled, under the policy that applies (if
@@ -635,18 +646,6 @@ impl Service {
             cache: CacheStatus::Miss,
             grant,
         })
-    }
-
-    /// Counts and logs what a mirror served.
-    fn note_mirror(&self, r: &OciRef, mirror: Option<&str>) {
-        if let Some(mirror) = mirror {
-            self.inner
-                .metrics
-                .mirror_served
-                .with_label_values(&[mirror])
-                .inc();
-            tracing::info!(interface = "registry", registry = %r.registry, repository = %r.repository, mirror = %mirror, "served by a registry mirror");
-        }
     }
 
     /// One log line and the upstream metrics of a pull through the endpoint.
